@@ -1,0 +1,81 @@
+"""Paged attention and the KV-cache write in plain torch: the CPU path and the oracle.
+
+The KV cache of one layer is a pool of pages, `k_cache` and `v_cache` of shape
+(num_blocks, block_size, n_heads, head_dim). A request owns a list of pages, its block table;
+token t of the request lives in page `block_table[t // block_size]` at offset `t % block_size`,
+i.e. in slot `block_table[t // block_size] * block_size + t % block_size`.
+
+One step packs the new tokens of every scheduled request into one flat batch of N rows:
+
+    q              (N, n_heads, head_dim)  queries of the new tokens, request after request
+    cu_seqlens_q   (B + 1,)   request i owns rows cu_seqlens_q[i] : cu_seqlens_q[i + 1]
+    context_lens   (B,)       tokens of request i in the cache *after* this step's write
+    block_tables   (B, max_blocks)  page ids; entries past a request's last page are padding
+
+The new tokens of request i are its last q_len_i positions, so the query at row t of the request
+sits at position context_len_i - q_len_i + t and attends causally to keys 0 ..= that position.
+A decode is the case q_len = 1, a prefill chunk any q_len; both mix freely in one call.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(k_cache, v_cache, k, v, slot_mapping):
+    """Scatter each new token's key and value into its slot of the paged cache.
+
+    >>> kc = vc = torch.zeros(2, 4, 1, 1)                       # 2 pages of 4 slots
+    >>> write_kv(kc, vc, torch.ones(1, 1, 1), torch.ones(1, 1, 1), torch.tensor([5]))
+    >>> kc[1, 1, 0, 0].item()                                      # slot 5 = page 1, offset 1
+    1.0
+    """
+    n_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, n_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, n_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_q, max_ctx):
+    """Attention of the step's new queries over each request's pages (module docstring: the layout).
+
+    Gathers every request's pages into a padded (B, max_ctx) key/value tensor and runs one masked
+    SDPA, so the reference is simple rather than fast. `max_q` and `max_ctx` are the largest q_len
+    and context_len, passed as ints so that no device value is read back on the host.
+    Returns (N, n_heads, head_dim) in q's dtype.
+    """
+    B = context_lens.shape[0]
+    N, H, D = q.shape
+    block_size = k_cache.shape[1]
+    device = q.device
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]  # (B,)
+
+    # gather pages -> (B, max_ctx, H, D); padding pages are read but masked out below
+    n_pages = (max_ctx + block_size - 1) // block_size
+    pages = block_tables[:, :n_pages].long()
+    k = k_cache[pages].reshape(B, n_pages * block_size, H, D)[:, :max_ctx]
+    v = v_cache[pages].reshape(B, n_pages * block_size, H, D)[:, :max_ctx]
+
+    # scatter the flat queries into a padded (B, max_q, H, D) tensor
+    row = torch.arange(N, device=device)
+    req = torch.repeat_interleave(torch.arange(B, device=device), q_lens, output_size=N)
+    t = row - cu_seqlens_q[req].long()  # index of the query within its request
+    qp = q.new_zeros(B, max_q, H, D)
+    qp[req, t] = q
+
+    # query t of request i sits at position context_len_i - q_len_i + t; it sees keys <= position
+    q_pos = (context_lens - q_lens)[:, None] + torch.arange(max_q, device=device)  # (B, max_q)
+    k_pos = torch.arange(max_ctx, device=device)
+    # slots past a request's context were never written: zero them, since a masked-out NaN in V
+    # would still poison the output (softmax weight 0 times NaN is NaN)
+    valid = (k_pos[None, :] < context_lens[:, None])[:, :, None, None]  # (B, max_ctx, 1, 1)
+    k, v = k.masked_fill(~valid, 0), v.masked_fill(~valid, 0)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < context_lens[:, None, None])
+    mask[:, :, 0] = True  # padded query rows see key 0 instead of nothing (no NaN); they are dropped
+
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2),
+        k.to(q.dtype).transpose(1, 2),
+        v.to(q.dtype).transpose(1, 2),
+        attn_mask=mask[:, None],
+        scale=scale,
+    )  # (B, H, max_q, D)
+    return out.transpose(1, 2)[req, t]

@@ -1,0 +1,265 @@
+"""The scheduler every policy shares: vLLM v1's rule, *schedule tokens, not phases*.
+
+Each request wants its `num_computed_tokens` to reach `num_tokens` (prompt plus outputs so far).
+Each step hands out one budget of `max_num_batched_tokens`: running requests first (a decode needs
+one token, an unfinished prompt gets a chunk), then waiting ones, oldest first, up to `max_num_seqs`.
+A long prompt is thus chunked, and prefill chunks and decodes share a step. When the KV cache runs
+out of pages, the newest running request is preempted: its pages are freed and it goes back to the
+front of the queue, to be recomputed later (its own pages often come back as prefix-cache hits).
+
+A step that samples a request's next token leaves a *placeholder* for it until `update` appends
+the real token. With one step in flight (`depth = 1`) placeholders are gone before the next
+`schedule`; a policy that plans ahead (`depth = 2`, `allow_placeholders`) schedules the placeholder
+itself as the next step's input, and the runner fills it in on the device.
+
+Policies subclass `Scheduler` and override a few hooks: `depth` (steps in flight at once),
+`allow_placeholders`, `chunk_size` (how many tokens a request may take now) and `form_batch`
+(how scheduled work is cut into the batches in flight).
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from sched.blocks import BlockManager
+from sched.request import FinishReason, Request, SamplingParams, Status
+from viz.trace import Discarded, FirstToken, Pages, Preempted, Recorder, RequestFinished, StepScheduled
+
+
+@dataclass
+class SchedulerConfig:
+    num_blocks: int
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 1024
+    eos_token_id: int | None = None
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step, frozen at schedule time (the request itself moves on)."""
+
+    request: Request
+    start: int  # position of the first new token
+    token_ids: list[int]  # the new tokens, positions start .. start + len - 1
+    block_table: list[int]  # a copy of the request's pages
+    sample: bool  # this step computes the request's last known token: sample the next one
+    params: SamplingParams = None
+    num_outputs: int = 0  # outputs before this step's sample (seeds the per-request sampler)
+
+    @property
+    def is_prefill(self):
+        return self.start < self.request.num_prompt_tokens or len(self.token_ids) > 1
+
+
+@dataclass
+class Batch:
+    step: int
+    requests: list[ScheduledRequest] = field(default_factory=list)
+
+    @property
+    def num_tokens(self):
+        return sum(len(r.token_ids) for r in self.requests)
+
+    @property
+    def sampled(self):
+        """The scheduled requests that get a token from this step, in the runner's output order."""
+        return [r for r in self.requests if r.sample]
+
+
+PLACEHOLDER = -1  # the token id of a token still being sampled on the device
+
+
+class Scheduler:
+    depth = 1  # batches in flight at once (DESIGN.md: the one engine loop)
+    allow_placeholders = False  # may a request whose next token is still in flight be scheduled?
+
+    def __init__(self, config: SchedulerConfig, recorder: Recorder | None = None):
+        self.config = config
+        self.recorder = recorder or Recorder()
+        self.blocks = BlockManager(
+            config.num_blocks, config.block_size, config.enable_prefix_caching, on_event=self._on_pages
+        )
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.step = 0
+
+    def _on_pages(self, kind, request_id, pages):
+        self.recorder.emit(Pages(self.recorder.now(), kind, request_id, pages))
+
+    # --- requests in and out ---------------------------------------------------------------
+
+    def add_request(self, request: Request):
+        """Queue a validated request (the engine checks prompt length and parameters first)."""
+        need = self.blocks.pages_needed(request.num_prompt_tokens + 1)
+        if need > self.config.num_blocks:
+            raise ValueError(
+                f"prompt has {request.num_prompt_tokens} tokens and needs {need} KV pages, but the "
+                f"cache has {self.config.num_blocks}; raise --num-gpu-blocks-override or shorten it"
+            )
+        self.waiting.append(request)
+
+    def has_work(self):
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> Request | None:
+        for r in [*self.running, *self.waiting]:
+            if r.request_id == request_id:
+                self.finish(r, FinishReason.ABORT)
+                return r
+        return None
+
+    def finish(self, req: Request, reason: FinishReason, error: str | None = None):
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.blocks.free(req.request_id)
+        req.status, req.finish_reason, req.error = Status.FINISHED, reason, error
+        self.recorder.emit(
+            RequestFinished(
+                self.recorder.now(), req.request_id, reason.value, req.num_prompt_tokens, req.num_output_tokens, error
+            )
+        )
+
+    def preempt(self, req: Request):
+        """Free the request's pages and send it back to the front of the queue, to recompute."""
+        self.running.remove(req)
+        self.blocks.free(req.request_id)
+        req.status, req.num_computed_tokens = Status.WAITING, 0
+        self.waiting.appendleft(req)
+        self.recorder.emit(Preempted(self.recorder.now(), self.step, req.request_id))
+
+    # --- hooks the policies override -------------------------------------------------------
+
+    def chunk_size(self, req: Request, budget: int) -> int:
+        """How many of the request's uncomputed tokens to schedule now, given the budget left."""
+        if req.num_placeholders and not self.allow_placeholders:
+            return 0  # its next token is still in flight
+        if (
+            req.num_output_tokens + req.num_placeholders >= req.params.max_tokens
+            or req.num_tokens + req.num_placeholders >= self.config.max_model_len
+        ):
+            return 0  # the in-flight token is its last: never schedule past the end
+        return min(req.num_tokens + req.num_placeholders - req.num_computed_tokens, budget)
+
+    def form_batch(self, scheduled: list[ScheduledRequest]) -> Batch:
+        return Batch(self.step, scheduled)
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def schedule(self) -> Batch | None:
+        """Choose this step's work under the token budget; None when nothing can run now."""
+        budget = self.config.max_num_batched_tokens
+        scheduled, preempted = [], False
+
+        # 1. running requests, oldest first; when pages run out, preempt from the newest end
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = self.chunk_size(req, budget)
+            if n <= 0:
+                i += 1
+                continue
+            while not self.blocks.allocate(req.request_id, req.num_computed_tokens + n):
+                victim = self.running[-1]
+                if victim is req and len(self.running) == 1 and not scheduled:
+                    # alone and still too big: no preemption can ever make room
+                    self.finish(req, FinishReason.ERROR, self._too_big(req))
+                    break
+                self.preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                scheduled.append(self._take(req, n))
+                budget -= n
+                i += 1
+
+        # 2. waiting requests, unless this step already had to preempt
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if req.num_placeholders:  # preempted while its token was in flight: wait for it
+                break
+            prefix = self.blocks.lookup_prefix(req.token_ids)
+            req.num_computed_tokens = len(prefix) * self.config.block_size
+            n = self.chunk_size(req, budget)
+            if n <= 0 or not self.blocks.allocate(req.request_id, req.num_computed_tokens + n, prefix):
+                req.num_computed_tokens = 0
+                if n > 0 and self.blocks.num_free_blocks == self.config.num_blocks:  # empty cache: never fits
+                    self.waiting.popleft()
+                    self.running.append(req)
+                    self.finish(req, FinishReason.ERROR, self._too_big(req))
+                    continue
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            req.status = Status.RUNNING
+            scheduled.append(self._take(req, n))
+            budget -= n
+
+        if not scheduled:
+            return None
+        batch = self.form_batch(scheduled)
+        self.recorder.emit(
+            StepScheduled(
+                self.recorder.now(),
+                batch.step,
+                [r.request.request_id for r in batch.requests],
+                [len(r.token_ids) for r in batch.requests],
+                [r.is_prefill for r in batch.requests],
+                len(self.running),
+                len(self.waiting),
+            )
+        )
+        self.step += 1
+        return batch
+
+    def _take(self, req: Request, n: int) -> ScheduledRequest:
+        """Schedule n tokens of req: they count as computed from now on (the step will write them)."""
+        start = req.num_computed_tokens
+        req.num_computed_tokens += n
+        known = req.token_ids[start : start + n]
+        tokens = known + [PLACEHOLDER] * (n - len(known))
+        # name full pages for the prefix cache, but never one holding a token still in flight
+        self.blocks.cache_pages(req.request_id, req.token_ids, min(req.num_computed_tokens, req.num_tokens))
+        sample = req.num_computed_tokens == req.num_tokens + req.num_placeholders
+        num_outputs = req.num_output_tokens + req.num_placeholders  # index of the token it samples
+        if sample:
+            req.num_placeholders += 1
+        table = list(self.blocks.block_table(req.request_id))
+        return ScheduledRequest(req, start, tokens, table, sample, req.params, num_outputs)
+
+    def _too_big(self, req: Request) -> str:
+        return (
+            f"request {req.request_id} needs {self.blocks.pages_needed(req.num_computed_tokens + 1)} KV pages "
+            f"but the whole cache has {self.config.num_blocks}; raise --num-gpu-blocks-override or lower "
+            "max_tokens"
+        )
+
+    def update(self, batch: Batch, sampled_ids: list[int]) -> list[Request]:
+        """Append each sampled token, stop finished requests and free their pages.
+        Returns the requests that received a token this step."""
+        got = []
+        for sr, token in zip(batch.sampled, sampled_ids, strict=True):
+            req = sr.request
+            if req.finished:  # stopped or aborted while this step ran: its token is discarded
+                self.recorder.emit(Discarded(self.recorder.now(), batch.step, req.request_id))
+                continue
+            req.num_placeholders -= 1
+            req.append_token(token)
+            got.append(req)
+            if req.num_output_tokens == 1:
+                self.recorder.emit(FirstToken(self.recorder.now(), req.request_id))
+            if reason := self.stop_reason(req, token):
+                self.finish(req, reason)
+        return got
+
+    def stop_reason(self, req: Request, token: int) -> FinishReason | None:
+        p = req.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token == self.config.eos_token_id):
+            return FinishReason.STOP
+        if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None

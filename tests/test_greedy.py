@@ -1,0 +1,131 @@
+"""The correctness oracle: with greedy sampling in fp32, every scheduler generates exactly the tokens of
+transformers' greedy `generate`, whatever the batching, paging, chunking, preemption or prefix caching."""
+
+import random
+
+import pytest
+
+import nanoserve as ns
+from sched import SCHEDULERS, SamplingParams
+from viz.trace import Pages, Preempted, StepScheduled
+
+
+def workload(seed=0, vocab=383):
+    """Prompts of varied lengths crossing page boundaries, three sharing a 40-token prefix."""
+    rng = random.Random(seed)
+    rand = lambda n: [rng.randrange(vocab) for _ in range(n)]
+    shared = rand(40)
+    prompts = [rand(n) for n in (1, 3, 15, 16, 17, 31, 33, 50)] + [shared + rand(n) for n in (1, 9, 23)]
+    max_tokens = [rng.randint(4, 24) for _ in prompts]
+    return prompts, max_tokens
+
+
+def run(model_dir, sched, **kw):
+    llm = ns.LLM(str(model_dir), sched=sched, **kw)
+    prompts, max_tokens = workload()
+    outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=m) for m in max_tokens], use_tqdm=False)
+    assert all(o.error is None for o in outs)
+    llm.scheduler.blocks.check()
+    assert llm.scheduler.blocks.num_free_blocks == llm.scheduler.config.num_blocks, "a page leaked"
+    return llm, [o.output_token_ids for o in outs]
+
+
+def expected(hf_greedy):
+    prompts, max_tokens = workload()
+    return [hf_greedy(p, m) for p, m in zip(prompts, max_tokens)]
+
+
+CASES = {
+    "default": dict(),
+    "block_size_1": dict(block_size=1, num_gpu_blocks_override=2000),
+    "block_size_7": dict(block_size=7),  # divides none of the lengths
+    "chunked_prefill": dict(max_num_batched_tokens=7, block_size=4),
+    "preemption": dict(num_gpu_blocks_override=12, block_size=8),
+    "no_prefix_caching": dict(enable_prefix_caching=False, block_size=4),
+    "max_num_seqs_2": dict(max_num_seqs=2),
+}
+
+
+@pytest.mark.parametrize("sched", list(SCHEDULERS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_matches_transformers(tiny_gpt2, hf_greedy, sched, case):
+    llm, got = run(tiny_gpt2, sched, **CASES[case])
+    want = expected(hf_greedy)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g == w, f"request {i}: {g} != transformers {w}"
+    events = llm.recorder.events
+    if case == "preemption":
+        assert any(isinstance(e, Preempted) for e in events), "the tiny pool should have forced a preemption"
+    if case == "chunked_prefill":
+        assert max(sum(e.num_tokens) for e in events if isinstance(e, StepScheduled)) <= 7
+    if case in ("default", "chunked_prefill"):
+        assert any(isinstance(e, Pages) and e.kind == "shared" for e in events), "expected a prefix-cache hit"
+
+
+def test_stop_on_eos_matches_transformers(tmp_path, hf_greedy):
+    """A model whose EOS is a token it actually generates: both stop there, EOS included."""
+    from tests.conftest import save_tiny_gpt2
+
+    prompts, _ = workload()
+    folder = save_tiny_gpt2(tmp_path)
+    probe = ns.LLM(str(folder))
+    outs = probe.generate(prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)
+    eos = outs[0].output_token_ids[3]  # a token greedy decoding really emits
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["eos_token_id"] = eos
+    (folder / "config.json").write_text(json.dumps(cfg))
+    llm = ns.LLM(str(folder))
+    got = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)
+    assert got[0].finish_reason == "stop" and got[0].output_token_ids[-1] == eos
+    for o, full in zip(got, outs):  # stops at the first EOS, else runs to max_tokens
+        cut = full.output_token_ids.index(eos) + 1 if eos in full.output_token_ids else 30
+        assert o.output_token_ids == full.output_token_ids[:cut]
+    ignore = llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)
+    assert ignore[0].output_token_ids == outs[0].output_token_ids
+
+
+def test_stop_token_ids(tiny_gpt2):
+    llm = ns.LLM(str(tiny_gpt2))
+    prompts, _ = workload()
+    full = llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
+    stop = full[2].output_token_ids[5]
+    cut = llm.generate(
+        prompts[:4], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=(stop,)), use_tqdm=False
+    )
+    for f, c in zip(full, cut):
+        n = f.output_token_ids.index(stop) + 1 if stop in f.output_token_ids else len(f.output_token_ids)
+        assert c.output_token_ids == f.output_token_ids[:n]
+    assert cut[2].finish_reason == "stop"
+
+
+def test_context_limit_finishes_with_length(tiny_gpt2):
+    llm = ns.LLM(str(tiny_gpt2), max_model_len=24)
+    out = llm.generate([list(range(20))], SamplingParams(temperature=0, max_tokens=100), use_tqdm=False)[0]
+    assert len(out.output_token_ids) == 4 and out.finish_reason == "length"
+
+
+def test_abort_frees_pages(tiny_gpt2):
+    llm = ns.LLM(str(tiny_gpt2), num_gpu_blocks_override=64, block_size=4)
+    prompts, _ = workload()
+    reqs = [llm.add_request(p, SamplingParams(temperature=0, max_tokens=20)) for p in prompts]
+    for step, _ in enumerate(llm.run()):
+        if step == 3:
+            llm.abort(reqs[5].request_id)  # running
+            llm.abort(reqs[-1].request_id)
+        llm.scheduler.blocks.check()
+    assert reqs[5].finish_reason.value == "abort"
+    assert all(r.finished for r in reqs)
+    assert llm.scheduler.blocks.num_free_blocks == 64
+
+
+def test_stream_yields_every_token_in_order(tiny_gpt2):
+    llm = ns.LLM(str(tiny_gpt2))
+    prompts, _ = workload()
+    params = SamplingParams(temperature=0, max_tokens=6)
+    streamed = {}
+    for req, token in llm.stream(prompts[:3], params):
+        streamed.setdefault(req.request_id, []).append(token)
+    outs = ns.LLM(str(tiny_gpt2)).generate(prompts[:3], params, use_tqdm=False)
+    assert list(streamed.values()) == [o.output_token_ids for o in outs]
