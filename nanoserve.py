@@ -191,9 +191,20 @@ class GPT(nn.Module):
 
         Only the rows that will be sampled (each request's last new token) reach the LM head.
         """
-        x = self.wte(input_ids) + self.wpe(positions)  # (N, C)
-        for i, block in enumerate(self.h):
-            x = block(x, i, meta)
+        x = self.embed(input_ids, positions)
+        x = self.layers(x, meta, 0, len(self.h))
+        return self.head(x, logits_indices)
+
+    # the three parts of forward_paged, run by different pipeline stages with --pp
+    def embed(self, input_ids, positions):  # (N,) -> (N, C)
+        return self.wte(input_ids) + self.wpe(positions)
+
+    def layers(self, x, meta: AttnMetadata, start: int, end: int):
+        for i in range(start, end):
+            x = self.h[i](x, i, meta)
+        return x
+
+    def head(self, x, logits_indices):  # only the rows to sample reach the LM head
         return self.ln_f(x[logits_indices]) @ self.wte.weight.T
 
 
@@ -369,18 +380,19 @@ def choose_num_blocks(cfg: GPTConfig, block_size, dtype, device, max_num_seqs, m
     return max(1, min(wanted, int(budget // page_bytes)))
 
 
-class CPUHandle:
-    """The result of a step running on the device thread (a Future: .result() re-raises its error)."""
-
-
 class CUDAHandle:
-    """A step launched on the GPU: sampled ids are copied into pinned memory; .result() waits for them."""
+    """A step launched on the GPU. Its sampled ids are copied into pinned memory behind the kernels;
+    .result() waits for that copy, then records the step's device spans from its CUDA events.
+    (On CPU the handle is the device thread's Future, whose .result() re-raises the step's error.)"""
 
-    def __init__(self, ids_cpu, event):
-        self.ids_cpu, self.event = ids_cpu, event
+    def __init__(self, runner, step, ids_cpu, done, marks):
+        self.runner, self.step, self.ids_cpu, self.done, self.marks = runner, step, ids_cpu, done, marks
 
     def result(self):
-        self.event.synchronize()
+        self.done.synchronize()
+        for a, b, lane, name in self.marks:
+            t = self.runner.event_time
+            self.runner.recorder.emit(Span(t(a), t(b), lane, name, self.step))
         return self.ids_cpu.tolist()
 
 
@@ -392,8 +404,13 @@ class ModelRunner:
     kernels are queued on the stream.
     """
 
-    def __init__(self, model: GPT, cfg: GPTConfig, *, num_blocks, block_size, device, recorder, seed=0):
+    def __init__(self, model: GPT, cfg: GPTConfig, *, num_blocks, block_size, device, recorder, seed=0, pp=1):
         self.model, self.cfg, self.device, self.recorder = model, cfg, device, recorder
+        if not 1 <= pp <= cfg.n_layer:
+            raise ValueError(f"--pp {pp}: need between 1 and the model's {cfg.n_layer} layers per pipeline")
+        # pipeline stage k runs layers bounds[k] .. bounds[k+1] - 1
+        self.pp, self.bounds = pp, [cfg.n_layer * k // pp for k in range(pp + 1)]
+        self.lanes = ["device"] if pp == 1 else [f"device/{k}" for k in range(pp)]
         self.block_size = block_size
         dtype = next(model.parameters()).dtype
         shape = (num_blocks, block_size, cfg.n_head, cfg.head_dim)
@@ -404,22 +421,47 @@ class ModelRunner:
         self.ops = reference
         self.generator = torch.Generator(device).manual_seed(seed)  # requests without a seed of their own
         self.request_gen = torch.Generator(device)  # re-seeded per token for requests with a seed
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="nanoserve-device") if device.type == "cpu" else None
+        # on CPU each pipeline stage (just one without --pp) is a thread; on CUDA the stream orders the work
+        self.pools = (
+            [ThreadPoolExecutor(1, thread_name_prefix=lane) for lane in self.lanes] if device.type == "cpu" else None
+        )
         self.prev_rows = {}  # request id -> its row in the previous step's sampled ids (for placeholders)
         self.prev_sampled = None  # that step's sampled ids, still on the device
+        if device.type == "cuda":  # device times are read from CUDA events, relative to this anchor
+            self.anchor = torch.cuda.Event(enable_timing=True)
+            self.anchor.record()
+            self.anchor.synchronize()
+            self.anchor_t = recorder.now()
+
+    def event_time(self, event) -> float:
+        return self.anchor_t + self.anchor.elapsed_time(event) / 1e3
+
+    def _mark(self):
+        """Now, on the device's clock: a host time on CPU, a recorded CUDA event on a GPU."""
+        if self.pools is not None:
+            return self.recorder.now()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def submit(self, batch):
         t = self.recorder.now()
         inputs = self.prepare(batch)
         self.recorder.emit(Span(t, self.recorder.now(), "cpu", "prepare", batch.step))
-        if self.pool is not None:
-            return self.pool.submit(self.execute, inputs, batch.step)
-        ids = self.execute(inputs, batch.step)
+        if self.pools is not None:  # a chain of futures: stage k starts on this batch when stage k-1 is done
+            fut = self.pools[0].submit(self.run_stage, 0, inputs, None, batch.step)
+            for k in range(1, self.pp):
+                fut = self.pools[k].submit(lambda k=k, prev=fut: self.run_stage(k, inputs, prev.result(), batch.step))
+            return fut
+        h, marks = None, []
+        for k in range(self.pp):
+            h = self.run_stage(k, inputs, h, batch.step, marks)
+        ids = h
         ids_cpu = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
         ids_cpu.copy_(ids, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return CUDAHandle(ids_cpu, event)
+        done = torch.cuda.Event()
+        done.record()
+        return CUDAHandle(self, batch.step, ids_cpu, done, marks)
 
     def prepare(self, batch) -> dict:
         """Flat token ids, positions and cache slots of the step, plus per-request attention data."""
@@ -448,7 +490,8 @@ class ModelRunner:
         sampled = batch.sampled
         self.prev_rows = {r.request.request_id: i for i, r in enumerate(sampled)}
         as_tensor = lambda x, dt=torch.int64: torch.tensor(x, dtype=dt).to(self.device, non_blocking=True)
-        return dict(
+        max_q, max_ctx = max(len(r.token_ids) for r in batch.requests), max(ctx)
+        x = dict(
             input_ids=as_tensor(ids),
             positions=as_tensor(pos),
             logits_indices=as_tensor(logits_idx),
@@ -456,39 +499,50 @@ class ModelRunner:
             cu_seqlens_q=as_tensor(cu, torch.int32),
             context_lens=as_tensor(ctx, torch.int32),
             block_tables=as_tensor(tables, torch.int32),
-            max_q=max(len(r.token_ids) for r in batch.requests),
-            max_ctx=max(ctx),
             placeholder_dst=as_tensor(ph_dst) if ph_dst else None,
             placeholder_src=as_tensor(ph_src),
             params=[r.params for r in sampled],
             num_outputs=[r.num_outputs for r in sampled],
         )
-
-    @torch.inference_mode()
-    def execute(self, x: dict, step: int):
-        """Forward and sample (on the device thread on CPU). Returns the sampled ids."""
-        rec, t0 = self.recorder, self.recorder.now()
-        if x["placeholder_dst"] is not None:  # the tokens the previous step sampled, device to device
-            x["input_ids"][x["placeholder_dst"]] = self.prev_sampled[x["placeholder_src"]]
-        meta = AttnMetadata(
+        x["meta"] = AttnMetadata(
             x["slot_mapping"],
             x["cu_seqlens_q"],
             x["context_lens"],
             x["block_tables"],
-            x["max_q"],
-            x["max_ctx"],
+            max_q,
+            max_ctx,
             self.kv_caches,
             self.ops,
         )
-        logits = self.model.forward_paged(x["input_ids"], x["positions"], meta, x["logits_indices"])
-        t1 = rec.now()
-        ids = self.sample(logits.float(), x["params"], x["num_outputs"])
-        self.prev_sampled = ids
-        if self.pool is not None:
-            ids = ids.tolist()
-            rec.emit(Span(t0, t1, "device", "forward", step))
-            rec.emit(Span(t1, rec.now(), "device", "sample", step))
-        return ids
+        return x
+
+    @torch.inference_mode()
+    def run_stage(self, k: int, x: dict, h, step: int, marks=None):
+        """Pipeline stage k of one step: stage 0 embeds, every stage runs its layers, the last one runs
+        the LM head and samples. Returns the hidden states for stage k + 1, or the sampled ids.
+
+        On CPU it runs on stage k's thread and records its spans at once (the ids come back as a list);
+        on CUDA it only queues kernels, and appends the events that will time them to `marks`.
+        """
+        m0, lane = self._mark(), self.lanes[k]
+        spans = marks if marks is not None else []
+        if k == 0:
+            if x["placeholder_dst"] is not None:  # the tokens the previous step sampled, device to device
+                x["input_ids"][x["placeholder_dst"]] = self.prev_sampled[x["placeholder_src"]]
+            h = self.model.embed(x["input_ids"], x["positions"])
+        h = self.model.layers(h, x["meta"], self.bounds[k], self.bounds[k + 1])
+        if k == self.pp - 1:
+            logits = self.model.head(h, x["logits_indices"])
+            m1 = self._mark()
+            h = self.prev_sampled = self.sample(logits.float(), x["params"], x["num_outputs"])
+            spans += [(m0, m1, lane, "forward"), (m1, self._mark(), lane, "sample")]
+        else:
+            spans.append((m0, self._mark(), lane, "forward"))
+        if marks is None:  # CPU: the times are known now
+            for a, b, ln, name in spans:
+                self.recorder.emit(Span(a, b, ln, name, step))
+            return h.tolist() if k == self.pp - 1 else h
+        return h
 
     def sample(self, logits, params: list[SamplingParams], num_outputs: list[int]) -> torch.Tensor:
         """One token per row: argmax when temperature is 0, else temperature, top-k, top-p, then a draw.
@@ -562,11 +616,17 @@ class LLM:
         gpu_memory_utilization=0.9,
         enable_prefix_caching=True,
         seed=0,
+        pp=1,
     ):
         from viz.trace import Recorder
 
         if sched not in SCHEDULERS:  # fail before loading anything
             make_scheduler(sched, None)
+        if pp > 1 and SCHEDULERS[sched].allow_placeholders:
+            raise ValueError(
+                f"--sched {sched} plans on tokens still in flight, which --pp {pp} microbatches do not "
+                "allow; use --sched sync or balanced with --pp"
+            )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(dtype, self.device)
         self.model, self.model_config, self.tokenizer, self.model_name = load_model(
@@ -595,6 +655,7 @@ class LLM:
             max_model_len=self.max_model_len,
             enable_prefix_caching=enable_prefix_caching,
             seed=seed,
+            pp=pp,
             torch_threads=torch.get_num_threads(),
         )
         self.recorder.emit(RunInfo(0.0, num_blocks, block_size, self.config))
@@ -610,6 +671,7 @@ class LLM:
                 enable_prefix_caching=enable_prefix_caching,
             ),
             self.recorder,
+            pp,
         )
         self.runner = ModelRunner(
             self.model,
@@ -619,6 +681,7 @@ class LLM:
             device=self.device,
             recorder=self.recorder,
             seed=seed,
+            pp=pp,
         )
         self.pending: list[Request] = []  # added, not yet arrived (--request-rate)
         self.requests: dict[str, Request] = {}
@@ -853,6 +916,8 @@ def build_parser():
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1, the fastest on 2 cores)")
     g = p.add_argument_group("engine")
     g.add_argument("--sched", default="sync", help=f"the scheduler: {', '.join(SCHEDULERS)}")
+    g.add_argument("--pp", type=int, default=1, help="pipeline stages: the layers split into PP stage workers")
+    g.add_argument("--compare", default=None, help="run the workload under each scheduler, e.g. sync,async")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-model-len", type=int, default=None)
@@ -971,29 +1036,28 @@ def request_records(llm: LLM, reqs: list[Request]) -> list[dict]:
     return out
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    torch.set_num_threads(args.threads or 1)  # measured: 1 thread beats 2 on 2-core machines (README)
-    try:
-        llm = LLM(
-            args.model,
-            sched=args.sched,
-            load_format=args.load_format,
-            dtype=args.dtype,
-            device=args.device,
-            block_size=args.block_size,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len,
-            num_gpu_blocks_override=args.num_gpu_blocks_override,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            enable_prefix_caching=args.enable_prefix_caching,
-            seed=args.seed,
-        )
-        items = make_requests(args, llm)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def build_llm(args, sched: str) -> LLM:
+    return LLM(
+        args.model,
+        sched=sched,
+        load_format=args.load_format,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        num_gpu_blocks_override=args.num_gpu_blocks_override,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.seed,
+        pp=args.pp,
+    )
+
+
+def add_workload(args, llm: LLM) -> list[Request]:
+    """Queue the chosen workload's requests (with Poisson arrival times for --request-rate)."""
+    items = make_requests(args, llm)
     arrivals = poisson_arrivals(len(items), args.request_rate, args.seed)
     reqs = []
     for (prompt, sp, error, arrival), t in zip(items, arrivals):
@@ -1004,33 +1068,100 @@ def main(argv=None):
         else:
             req = llm.add_request(prompt, sp, arrival_s=arrival if arrival is not None else t)
         reqs.append(req)
-    show = not args.quiet
+    return reqs
+
+
+def run_with_progress(llm: LLM, reqs: list[Request], label: str, show: bool):
     from tqdm import tqdm
 
-    with tqdm(total=len(reqs), disable=not show, desc=f"{args.sched}", unit="req", file=sys.stderr) as bar:
+    with tqdm(total=len(reqs), disable=not show, desc=label, unit="req", file=sys.stderr) as bar:
         bar.update(sum(r.finished for r in reqs))
         for got in llm.run():
             bar.update(sum(r.finished for r in got))
-    metrics = llm.metrics()
-    records = request_records(llm, reqs)
-    if show and llm.tokenizer and args.workload == "demo" and not args.prompts_file:
+
+
+def predicted_overlap_speedup(events) -> float:
+    """What overlapping CPU and device work could gain, from a sync run's per-step times:
+    sum(cpu + device) / sum(max(cpu, device)), cpu = schedule + prepare + update, device = forward + sample."""
+    cpu, dev = {}, {}
+    for e in events:
+        if isinstance(e, Span):
+            side = cpu if e.lane == "cpu" else dev
+            side[e.step] = side.get(e.step, 0.0) + e.end - e.t
+    steps = cpu.keys() & dev.keys()
+    serial = sum(cpu[s] + dev[s] for s in steps)
+    overlapped = sum(max(cpu[s], dev[s]) for s in steps)
+    return serial / overlapped if overlapped else 1.0
+
+
+def print_comparison(results: dict):
+    """--compare: one column per scheduler, measured in this run."""
+    names = list(results)
+    base = results[names[0]]["metrics"]["output_throughput"]
+    rows = [
+        ("output tokens/s", lambda m: f"{m['output_throughput']:.1f}"),
+        ("requests/s", lambda m: f"{m['request_throughput']:.2f}"),
+        ("TTFT mean (ms)", lambda m: f"{m['ttft_ms']['mean']:.1f}"),
+        ("TTFT p99 (ms)", lambda m: f"{m['ttft_ms']['p99']:.1f}"),
+        ("TPOT mean (ms)", lambda m: f"{m['tpot_ms']['mean']:.2f}"),
+        ("device busy %", lambda m: f"{100 * m['device_busy_frac']:.1f}"),
+        ("wasted tokens", lambda m: f"{m['discarded_tokens']}"),
+        ("steps", lambda m: f"{m['steps']}"),
+        ("preemptions", lambda m: f"{m['preemptions']}"),
+        ("speedup vs " + names[0], lambda m: f"{m['output_throughput'] / base:.2f}x"),
+    ]
+    print(f"{'':<22}" + "".join(f"{n:>12}" for n in names))
+    for label, fmt in rows:
+        print(f"{label:<22}" + "".join(f"{fmt(results[n]['metrics']):>12}" for n in names))
+    if "sync" in results:
+        pred = predicted_overlap_speedup(results["sync"]["events"])
+        print(
+            f"predicted overlap speedup from the sync run's step times, (cpu + device) / max(cpu, device): {pred:.2f}x"
+        )
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads or 1)  # measured: 1 thread beats 2 on 2-core machines (README)
+    scheds = args.compare.split(",") if args.compare else [args.sched]
+    show = not args.quiet
+    results = {}
+    for name in scheds:
+        try:
+            llm = build_llm(args, name)
+            reqs = add_workload(args, llm)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        run_with_progress(llm, reqs, name, show)
+        results[name] = dict(
+            config={**llm.config, **vars(args), "sched": name},
+            metrics=llm.metrics(),
+            requests=request_records(llm, reqs),
+            events=llm.recorder.events,
+        )
+    records = results[name]["requests"]
+    tty = sys.stdout.isatty()
+    dim, bold, reset = ("\033[2m", "\033[1m", "\033[0m") if tty else ("", "", "")
+    if show and not args.compare and llm.tokenizer and args.workload == "demo" and not args.prompts_file:
         for r, rec in zip(reqs, records):
-            print(f"\n\033[2m{'─' * 72}\033[0m\n\033[1m{llm.tokenizer.decode(r.prompt_token_ids)}\033[0m{rec['text']}")
-        print(f"\033[2m{'─' * 72}\033[0m\n")
+            print(f"\n{dim}{'─' * 72}{reset}\n{bold}{llm.tokenizer.decode(r.prompt_token_ids)}{reset}{rec['text']}")
+        print(f"{dim}{'─' * 72}{reset}\n")
     for rec in records:
         if rec["error"]:
             print(f"request {rec['id']} failed: {rec['error']}", file=sys.stderr)
     print(
-        f"model {llm.model_name} on {llm.device} ({llm.config['dtype']}), scheduler {args.sched}, "
-        f"{llm.config['num_blocks']} KV pages of {args.block_size} tokens"
+        f"model {llm.model_name} on {llm.device} ({llm.config['dtype']}), "
+        f"{llm.config['num_blocks']} KV pages of {args.block_size} tokens, {torch.get_num_threads()} torch thread(s)"
     )
-    print_summary(metrics)
+    if args.compare:
+        print_comparison(results)
+    else:
+        print(f"scheduler {name}")
+        print_summary(results[name]["metrics"])
     if args.output_json:
-        Path(args.output_json).write_text(
-            json.dumps(
-                dict(config={**llm.config, **vars(args)}, metrics=metrics, requests=records), indent=1, default=str
-            )
-        )
+        out = {n: {k: v for k, v in r.items() if k != "events"} for n, r in results.items()}
+        Path(args.output_json).write_text(json.dumps(out if args.compare else out[name], indent=1, default=str))
     if args.trace:
         llm.recorder.write_jsonl(args.trace)
     return 1 if any(r["error"] for r in records) else 0

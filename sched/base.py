@@ -12,9 +12,10 @@ the real token. With one step in flight (`depth = 1`) placeholders are gone befo
 `schedule`; a policy that plans ahead (`depth = 2`, `allow_placeholders`) schedules the placeholder
 itself as the next step's input, and the runner fills it in on the device.
 
-Policies subclass `Scheduler` and override a few hooks: `depth` (steps in flight at once),
-`allow_placeholders`, `chunk_size` (how many tokens a request may take now) and `form_batch`
-(how scheduled work is cut into the batches in flight).
+Policies subclass `Scheduler` and override a few hooks: `depth` (batches in flight at once),
+`allow_placeholders` (may a request be in two of them), `token_budget` and `chunk_size` (how many
+tokens a step, and a request in it, may take), `charge` (what those tokens cost of the budget) and
+`form_batches` (how the scheduled work is cut into the batches sent to the device).
 """
 
 from collections import deque
@@ -73,10 +74,14 @@ PLACEHOLDER = -1  # the token id of a token still being sampled on the device
 
 class Scheduler:
     depth = 1  # batches in flight at once (DESIGN.md: the one engine loop)
-    allow_placeholders = False  # may a request whose next token is still in flight be scheduled?
+    allow_placeholders = False  # may a request already in an in-flight batch be scheduled again?
 
-    def __init__(self, config: SchedulerConfig, recorder: Recorder | None = None):
-        self.config = config
+    def __init__(self, config: SchedulerConfig, recorder: Recorder | None = None, pp: int = 1):
+        self.config, self.pp = config, pp
+        if pp > 1:
+            self.depth = max(self.depth, pp)  # one microbatch in flight per pipeline stage
+        self.ready: list[list[ScheduledRequest]] = []  # batches formed but not yet handed out
+        self.num_inflight_batches = 0  # handed out by schedule(), not yet back through update()
         self.recorder = recorder or Recorder()
         self.blocks = BlockManager(
             config.num_blocks, config.block_size, config.enable_prefix_caching, on_event=self._on_pages
@@ -133,10 +138,18 @@ class Scheduler:
 
     # --- hooks the policies override -------------------------------------------------------
 
+    def num_wanted(self, req: Request) -> int:
+        """Tokens the request could be scheduled now, at most one step's budget (no policy applied)."""
+        return Scheduler.chunk_size(self, req, self.config.max_num_batched_tokens)
+
+    def token_budget(self) -> int:
+        """Tokens one call of `schedule` may hand out (before `form_batches` cuts them)."""
+        return self.config.max_num_batched_tokens
+
     def chunk_size(self, req: Request, budget: int) -> int:
         """How many of the request's uncomputed tokens to schedule now, given the budget left."""
-        if req.num_placeholders and not self.allow_placeholders:
-            return 0  # its next token is still in flight
+        if req.num_inflight and not self.allow_placeholders:
+            return 0  # already in a batch in flight
         if (
             req.num_output_tokens + req.num_placeholders >= req.params.max_tokens
             or req.num_tokens + req.num_placeholders >= self.config.max_model_len
@@ -144,14 +157,44 @@ class Scheduler:
             return 0  # the in-flight token is its last: never schedule past the end
         return min(req.num_tokens + req.num_placeholders - req.num_computed_tokens, budget)
 
-    def form_batch(self, scheduled: list[ScheduledRequest]) -> Batch:
-        return Batch(self.step, scheduled)
+    def charge(self, req: Request, n: int) -> int:
+        """What scheduling n tokens of req costs of the budget."""
+        return n
+
+    def form_batches(self, scheduled: list[ScheduledRequest]) -> list[list[ScheduledRequest]]:
+        """Cut the scheduled work into the batches handed out, one per `schedule` call."""
+        return [scheduled]
 
     # --- one step ----------------------------------------------------------------------------
 
     def schedule(self) -> Batch | None:
-        """Choose this step's work under the token budget; None when nothing can run now."""
-        budget = self.config.max_num_batched_tokens
+        """The next batch to run; None when nothing can run now."""
+        if not self.ready:
+            scheduled = self.collect()
+            self.ready = [b for b in self.form_batches(scheduled) if b] if scheduled else []
+        if not self.ready:
+            return None
+        batch = Batch(self.step, self.ready.pop(0))
+        self.num_inflight_batches += 1
+        for r in batch.requests:
+            r.request.num_inflight += 1
+        self.recorder.emit(
+            StepScheduled(
+                self.recorder.now(),
+                batch.step,
+                [r.request.request_id for r in batch.requests],
+                [len(r.token_ids) for r in batch.requests],
+                [r.is_prefill for r in batch.requests],
+                len(self.running),
+                len(self.waiting),
+            )
+        )
+        self.step += 1
+        return batch
+
+    def collect(self) -> list[ScheduledRequest]:
+        """Choose work under the token budget: running requests first, then waiting ones."""
+        budget = self.token_budget()
         scheduled, preempted = [], False
 
         # 1. running requests, oldest first; when pages run out, preempt from the newest end
@@ -174,13 +217,13 @@ class Scheduler:
                     break
             else:
                 scheduled.append(self._take(req, n))
-                budget -= n
+                budget -= self.charge(req, n)
                 i += 1
 
         # 2. waiting requests, unless this step already had to preempt
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if req.num_placeholders:  # preempted while its token was in flight: wait for it
+            if req.num_inflight:  # preempted while in a batch in flight: wait for that batch
                 break
             prefix = self.blocks.lookup_prefix(req.token_ids)
             req.num_computed_tokens = len(prefix) * self.config.block_size
@@ -197,24 +240,8 @@ class Scheduler:
             self.running.append(req)
             req.status = Status.RUNNING
             scheduled.append(self._take(req, n))
-            budget -= n
-
-        if not scheduled:
-            return None
-        batch = self.form_batch(scheduled)
-        self.recorder.emit(
-            StepScheduled(
-                self.recorder.now(),
-                batch.step,
-                [r.request.request_id for r in batch.requests],
-                [len(r.token_ids) for r in batch.requests],
-                [r.is_prefill for r in batch.requests],
-                len(self.running),
-                len(self.waiting),
-            )
-        )
-        self.step += 1
-        return batch
+            budget -= self.charge(req, n)
+        return scheduled
 
     def _take(self, req: Request, n: int) -> ScheduledRequest:
         """Schedule n tokens of req: they count as computed from now on (the step will write them)."""
@@ -242,6 +269,9 @@ class Scheduler:
         """Append each sampled token, stop finished requests and free their pages.
         Returns the requests that received a token this step."""
         got = []
+        self.num_inflight_batches -= 1
+        for r in batch.requests:
+            r.request.num_inflight -= 1
         for sr, token in zip(batch.sampled, sampled_ids, strict=True):
             req = sr.request
             if req.finished:  # stopped or aborted while this step ran: its token is discarded

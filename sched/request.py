@@ -69,6 +69,7 @@ class Request:
     arrival_time: float = 0.0  # seconds after the start of the run
     num_computed_tokens: int = 0
     num_placeholders: int = 0  # tokens being sampled by a step still in flight (async scheduling)
+    num_inflight: int = 0  # batches holding this request that the engine has not yet updated from
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     error: str | None = None

@@ -19,7 +19,7 @@ def gpt2_tokenizer_dir():
 
 
 def save_tiny_gpt2(
-    folder: Path, vocab_size=384, n_positions=160, n_embd=32, n_layer=2, n_head=4, seed=0, with_tokenizer=False
+    folder: Path, vocab_size=384, n_positions=160, n_embd=32, n_layer=3, n_head=4, seed=0, with_tokenizer=False
 ):
     """A random GPT2LMHeadModel saved with save_pretrained (safetensors), as any HF GPT-2 folder is."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -86,15 +86,15 @@ def test_seeded_sampling_matches_sync(tiny_gpt2):
 @pytest.mark.parametrize("sched", ["sync", "async"])
 def test_device_failure_surfaces_within_a_second(tiny_gpt2, sched):
     llm = ns.LLM(str(tiny_gpt2), sched=sched)
-    forward, calls = llm.model.forward_paged, []
+    head, calls = llm.model.head, []
 
     def failing(*a, **kw):
         calls.append(1)
         if len(calls) == 4:
             raise RuntimeError("injected device failure")
-        return forward(*a, **kw)
+        return head(*a, **kw)
 
-    llm.model.forward_paged = failing
+    llm.model.head = failing
     t = time.perf_counter()
     with pytest.raises(RuntimeError, match="step 3 failed on the device.*injected device failure"):
         llm.generate(workload()[0], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)

@@ -7,7 +7,7 @@ import pytest
 
 import nanoserve as ns
 from sched import SCHEDULERS, SamplingParams
-from viz.trace import Pages, Preempted, StepScheduled
+from viz.trace import Pages, Preempted, Span, StepScheduled
 
 
 def workload(seed=0, vocab=383):
@@ -43,18 +43,26 @@ CASES = {
     "preemption": dict(num_gpu_blocks_override=12, block_size=8),
     "no_prefix_caching": dict(enable_prefix_caching=False, block_size=4),
     "max_num_seqs_2": dict(max_num_seqs=2),
+    "pp_2": dict(pp=2, max_num_batched_tokens=40, block_size=4),
+    "pp_3_preemption": dict(pp=3, num_gpu_blocks_override=14, block_size=8),
+    "pp_2_chunked": dict(pp=2, max_num_batched_tokens=9, block_size=4),
 }
 
 
 @pytest.mark.parametrize("sched", list(SCHEDULERS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_matches_transformers(tiny_gpt2, hf_greedy, sched, case):
+    if CASES[case].get("pp", 1) > 1 and SCHEDULERS[sched].allow_placeholders:
+        pytest.skip("a scheduler that plans on in-flight tokens does not run with --pp")
     llm, got = run(tiny_gpt2, sched, **CASES[case])
     want = expected(hf_greedy)
     for i, (g, w) in enumerate(zip(got, want)):
         assert g == w, f"request {i}: {g} != transformers {w}"
     events = llm.recorder.events
-    if case == "preemption":
+    if case.startswith("pp"):
+        lanes = {e.lane for e in events if isinstance(e, Span)}
+        assert {f"device/{k}" for k in range(CASES[case]["pp"])} <= lanes, "every pipeline stage should have run"
+    if "preemption" in case:
         assert any(isinstance(e, Preempted) for e in events), "the tiny pool should have forced a preemption"
     if case == "chunked_prefill":
         assert max(sum(e.num_tokens) for e in events if isinstance(e, StepScheduled)) <= 7

@@ -197,8 +197,10 @@ def compute_metrics(events) -> dict:
         for e in ok
         if e.request_id in first and e.num_output_tokens > 1
     ]
-    spans = [e for e in events if isinstance(e, Span)]
-    device = [(max(s.t, start), min(s.end, end)) for s in spans if s.lane == "device" and s.end > start]
+    spans = [e for e in events if isinstance(e, Span) and e.end > start]
+    clip = lambda ss: [(max(s.t, start), min(s.end, end)) for s in ss]
+    device = clip(s for s in spans if s.lane.startswith("device"))  # "device", or "device/k" per pipeline stage
+    stages = sorted({s.lane for s in spans if s.lane.startswith("device/")})
     out_tokens = sum(e.num_output_tokens for e in ok)
     in_tokens = sum(e.num_prompt_tokens for e in ok)
     return {
@@ -214,6 +216,7 @@ def compute_metrics(events) -> dict:
         "tpot_ms": _stats(tpot),
         "e2e_ms": _stats([(e.t - arrived[e.request_id]) * 1e3 for e in ok if e.request_id in arrived]),
         "device_busy_frac": busy_time(device) / wall,
+        "stage_busy_frac": {lane: busy_time(clip(s for s in spans if s.lane == lane)) / wall for lane in stages},
         "steps": sum(isinstance(e, StepScheduled) for e in events),
         "preemptions": sum(isinstance(e, Preempted) for e in events),
         "discarded_tokens": sum(isinstance(e, Discarded) for e in events),
