@@ -97,7 +97,21 @@ class AttnMetadata:
     max_q: int
     max_ctx: int
     kv_caches: list  # per layer: (k_cache, v_cache), each (num_blocks, block_size, n_head, head_dim)
-    ops: object  # the attention backend: a module with write_kv and paged_attention
+    ops: object  # the attention backend: a module with write_kv, write_kv_pages and paged_attention
+    # chunks that start on a page boundary are written page by page: (first row, end row, their pages);
+    # the other rows (decodes, unaligned chunks) by slot
+    page_writes: list = ()
+    scatter_rows: torch.Tensor | None = None
+    scatter_slots: torch.Tensor | None = None
+
+    def write_kv(self, k_cache, v_cache, k, v):
+        if not self.page_writes:
+            return self.ops.write_kv(k_cache, v_cache, k, v, self.slot_mapping)
+        for a, b, pages in self.page_writes:
+            self.ops.write_kv_pages(k_cache, v_cache, k[a:b], v[a:b], pages)
+        if self.scatter_rows is not None:
+            rows = self.scatter_rows
+            self.ops.write_kv(k_cache, v_cache, k[rows], v[rows], self.scatter_slots)
 
 
 class CausalSelfAttention(nn.Module):
@@ -118,7 +132,7 @@ class CausalSelfAttention(nn.Module):
         N, C = x.shape
         q, k, v = (t.view(N, self.n_head, self.head_dim) for t in (q, k, v))
         k_cache, v_cache = meta.kv_caches[layer]
-        meta.ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        meta.write_kv(k_cache, v_cache, k, v)
         y = meta.ops.paged_attention(
             q,
             k_cache,
@@ -380,6 +394,101 @@ def choose_num_blocks(cfg: GPTConfig, block_size, dtype, device, max_num_seqs, m
     return max(1, min(wanted, int(budget // page_bytes)))
 
 
+def attention_backend(name: str, device, cfg: GPTConfig):
+    """The attention kernels: Triton on CUDA, the plain-torch reference on CPU, unless asked otherwise."""
+    triton_ok = cfg.head_dim in (8, 16, 32, 64, 128, 256)
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and triton_ok else "reference"
+    if name == "reference":
+        return reference
+    if name != "triton":
+        raise ValueError(f"--attention-backend {name!r} is not one of: auto, reference, triton")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "the Triton kernels need a CUDA GPU; on a CPU set TRITON_INTERPRET=1 (slow, for tests) or "
+            "use --attention-backend reference"
+        )
+    from kernels import paged_attention
+
+    return paged_attention
+
+
+class DecodeGraphs:
+    """CUDA graphs for decode steps, where every request adds one token.
+
+    A decode step of a small model is hundreds of tiny kernel launches, and the CPU cannot issue them
+    as fast as the GPU runs them; replaying a captured graph issues them all at once. A graph replays
+    fixed shapes from fixed addresses, so one is captured per padded batch size (1, 2, 4, 8, 16, 24, ...)
+    over static input buffers: a step of n requests copies its inputs into the buffers and replays the
+    smallest graph of size >= n. Padding rows write no key (slot -1) and attend to one.
+    Off CUDA (`capture=False`, for tests) the same buffers are run eagerly.
+    """
+
+    def __init__(self, runner, max_batch: int, max_model_len: int):
+        dev, tables_width = runner.device, -(-max_model_len // runner.block_size)
+        self.sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch + 8, 8))
+        B = self.sizes[-1]
+        i64, i32 = dict(dtype=torch.int64, device=dev), dict(dtype=torch.int32, device=dev)
+        self.input_ids, self.positions = torch.zeros(B, **i64), torch.zeros(B, **i64)
+        self.slot_mapping, self.context_lens = torch.full((B,), -1, **i64), torch.ones(B, **i32)
+        self.cu_seqlens_q, self.block_tables = torch.arange(B + 1, **i32), torch.zeros(B, tables_width, **i32)
+        self.rows = torch.arange(B, **i64)
+        self.capture, self.fns, self.graphs, self.logits = dev.type == "cuda", {}, {}, {}
+        model, pool = runner.model, None
+        for b in reversed(self.sizes):  # the largest first, so the smaller ones fit in its memory pool
+            meta = AttnMetadata(
+                self.slot_mapping[:b],
+                self.cu_seqlens_q[: b + 1],
+                self.context_lens[:b],
+                self.block_tables[:b],
+                1,
+                max_model_len,
+                runner.kv_caches,
+                runner.ops,
+            )
+            fn = self.fns[b] = lambda b=b, meta=meta: model.forward_paged(
+                self.input_ids[:b], self.positions[:b], meta, self.rows[:b]
+            )
+            if not self.capture:
+                continue
+            side = torch.cuda.Stream()  # warm up off the capture stream: Triton compiles, the allocator settles
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.inference_mode():
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
+                self.logits[b] = fn()
+            self.graphs[b], pool = graph, graph.pool()
+
+    def can_run(self, x) -> bool:
+        return (
+            x["meta"].max_q == 1
+            and not x["meta"].page_writes
+            and x["num_rows"] <= self.sizes[-1]
+            and x["logits_indices"].shape[0] == x["num_rows"]
+        )
+
+    def run(self, x):
+        n = x["num_rows"]
+        b = next(size for size in self.sizes if size >= n)
+        w = x["block_tables"].shape[1]
+        for buf, src in (
+            (self.input_ids, x["input_ids"]),
+            (self.positions, x["positions"]),
+            (self.slot_mapping, x["slot_mapping"]),
+            (self.context_lens, x["context_lens"]),
+        ):
+            buf[:n].copy_(src)
+        self.block_tables[:n, :w].copy_(x["block_tables"])
+        self.slot_mapping[n:b].fill_(-1)  # padding rows write nowhere ...
+        self.context_lens[n:b].fill_(1)  # ... and read one key; their logits are dropped
+        if not self.capture:
+            return self.fns[b]()[:n]
+        self.graphs[b].replay()
+        return self.logits[b][:n]
+
+
 class CUDAHandle:
     """A step launched on the GPU. Its sampled ids are copied into pinned memory behind the kernels;
     .result() waits for that copy, then records the step's device spans from its CUDA events.
@@ -404,7 +513,22 @@ class ModelRunner:
     kernels are queued on the stream.
     """
 
-    def __init__(self, model: GPT, cfg: GPTConfig, *, num_blocks, block_size, device, recorder, seed=0, pp=1):
+    def __init__(
+        self,
+        model: GPT,
+        cfg: GPTConfig,
+        *,
+        num_blocks,
+        block_size,
+        device,
+        recorder,
+        seed=0,
+        pp=1,
+        attention="auto",
+        cuda_graphs=False,
+        max_num_seqs=256,
+        max_model_len=1024,
+    ):
         self.model, self.cfg, self.device, self.recorder = model, cfg, device, recorder
         if not 1 <= pp <= cfg.n_layer:
             raise ValueError(f"--pp {pp}: need between 1 and the model's {cfg.n_layer} layers per pipeline")
@@ -418,7 +542,7 @@ class ModelRunner:
             (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
             for _ in range(cfg.n_layer)
         ]
-        self.ops = reference
+        self.ops = attention_backend(attention, device, cfg)
         self.generator = torch.Generator(device).manual_seed(seed)  # requests without a seed of their own
         self.request_gen = torch.Generator(device)  # re-seeded per token for requests with a seed
         # on CPU each pipeline stage (just one without --pp) is a thread; on CUDA the stream orders the work
@@ -432,6 +556,8 @@ class ModelRunner:
             self.anchor.record()
             self.anchor.synchronize()
             self.anchor_t = recorder.now()
+
+        self.graphs = DecodeGraphs(self, max_num_seqs, max_model_len) if cuda_graphs and pp == 1 else None
 
     def event_time(self, event) -> float:
         return self.anchor_t + self.anchor.elapsed_time(event) / 1e3
@@ -467,6 +593,7 @@ class ModelRunner:
         """Flat token ids, positions and cache slots of the step, plus per-request attention data."""
         bs = self.block_size
         ids, pos, slots, cu, ctx, logits_idx, ph_dst, ph_src = [], [], [], [0], [], [], [], []
+        page_writes, scatter_rows = [], []
         for r in batch.requests:
             n = len(r.token_ids)
             if r.token_ids[-1] == PLACEHOLDER:  # sampled by the step before this one, still on the device
@@ -481,6 +608,10 @@ class ModelRunner:
             p = range(r.start, r.start + n)
             pos += p
             slots += [r.block_table[i // bs] * bs + i % bs for i in p]
+            if r.start % bs == 0 and n >= max(bs, 2):  # a chunk from a page boundary: write it page by page
+                page_writes.append((cu[-1], cu[-1] + n, r.block_table[r.start // bs : -(-(r.start + n) // bs)]))
+            else:
+                scatter_rows += range(cu[-1], cu[-1] + n)
             cu.append(cu[-1] + n)
             ctx.append(r.start + n)
             if r.sample:
@@ -499,12 +630,13 @@ class ModelRunner:
             cu_seqlens_q=as_tensor(cu, torch.int32),
             context_lens=as_tensor(ctx, torch.int32),
             block_tables=as_tensor(tables, torch.int32),
+            num_rows=len(ids),
             placeholder_dst=as_tensor(ph_dst) if ph_dst else None,
             placeholder_src=as_tensor(ph_src),
             params=[r.params for r in sampled],
             num_outputs=[r.num_outputs for r in sampled],
         )
-        x["meta"] = AttnMetadata(
+        x["meta"] = meta = AttnMetadata(
             x["slot_mapping"],
             x["cu_seqlens_q"],
             x["context_lens"],
@@ -514,6 +646,11 @@ class ModelRunner:
             self.kv_caches,
             self.ops,
         )
+        if page_writes:
+            meta.page_writes = [(a, b, as_tensor(pages)) for a, b, pages in page_writes]
+            if scatter_rows:
+                meta.scatter_rows = as_tensor(scatter_rows)
+                meta.scatter_slots = as_tensor([slots[i] for i in scatter_rows])
         return x
 
     @torch.inference_mode()
@@ -526,13 +663,17 @@ class ModelRunner:
         """
         m0, lane = self._mark(), self.lanes[k]
         spans = marks if marks is not None else []
-        if k == 0:
-            if x["placeholder_dst"] is not None:  # the tokens the previous step sampled, device to device
-                x["input_ids"][x["placeholder_dst"]] = self.prev_sampled[x["placeholder_src"]]
-            h = self.model.embed(x["input_ids"], x["positions"])
-        h = self.model.layers(h, x["meta"], self.bounds[k], self.bounds[k + 1])
+        if k == 0 and x["placeholder_dst"] is not None:  # tokens the previous step sampled, device to device
+            x["input_ids"][x["placeholder_dst"]] = self.prev_sampled[x["placeholder_src"]]
+        if self.graphs is not None and self.graphs.can_run(x):  # a decode step: replay a graph
+            logits = self.graphs.run(x)
+        else:
+            if k == 0:
+                h = self.model.embed(x["input_ids"], x["positions"])
+            h = self.model.layers(h, x["meta"], self.bounds[k], self.bounds[k + 1])
+            if k == self.pp - 1:
+                logits = self.model.head(h, x["logits_indices"])
         if k == self.pp - 1:
-            logits = self.model.head(h, x["logits_indices"])
             m1 = self._mark()
             h = self.prev_sampled = self.sample(logits.float(), x["params"], x["num_outputs"])
             spans += [(m0, m1, lane, "forward"), (m1, self._mark(), lane, "sample")]
@@ -617,6 +758,9 @@ class LLM:
         enable_prefix_caching=True,
         seed=0,
         pp=1,
+        attention="auto",
+        enforce_eager=False,
+        cuda_graphs=None,
     ):
         from viz.trace import Recorder
 
@@ -682,6 +826,13 @@ class LLM:
             recorder=self.recorder,
             seed=seed,
             pp=pp,
+            attention=attention,
+            cuda_graphs=(self.device.type == "cuda" and not enforce_eager) if cuda_graphs is None else cuda_graphs,
+            max_num_seqs=max_num_seqs,
+            max_model_len=self.max_model_len,
+        )
+        self.config.update(
+            attention=self.runner.ops.__name__.split(".")[-1], cuda_graphs=self.runner.graphs is not None
         )
         self.pending: list[Request] = []  # added, not yet arrived (--request-rate)
         self.requests: dict[str, Request] = {}
@@ -913,6 +1064,13 @@ def build_parser():
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "reference", "triton"],
+        help="auto: Triton kernels on CUDA, the torch reference on CPU",
+    )
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1, the fastest on 2 cores)")
     g = p.add_argument_group("engine")
     g.add_argument("--sched", default="sync", help=f"the scheduler: {', '.join(SCHEDULERS)}")
@@ -1052,6 +1210,8 @@ def build_llm(args, sched: str) -> LLM:
         enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed,
         pp=args.pp,
+        attention=args.attention_backend,
+        enforce_eager=args.enforce_eager,
     )
 
 
@@ -1110,10 +1270,18 @@ def print_comparison(results: dict):
         ("preemptions", lambda m: f"{m['preemptions']}"),
         ("speedup vs " + names[0], lambda m: f"{m['output_throughput'] / base:.2f}x"),
     ]
+    if results[names[0]]["metrics"]["stage_busy_frac"]:  # --pp: how full each pipeline stage was
+        stage = lambda m: list(m["stage_busy_frac"].values())
+        rows += [
+            ("stage busy % min-max", lambda m: f"{100 * min(stage(m)):.0f}-{100 * max(stage(m)):.0f}"),
+            ("bubble %", lambda m: f"{100 * (1 - sum(stage(m)) / len(stage(m))):.1f}"),
+            ("microbatch tokens", lambda m: f"{m['microbatch_tokens']['mean']:.0f}"),
+            ("  spread (sd)", lambda m: f"{m['microbatch_tokens']['sd']:.0f}"),
+        ]
     print(f"{'':<22}" + "".join(f"{n:>12}" for n in names))
     for label, fmt in rows:
         print(f"{label:<22}" + "".join(f"{fmt(results[n]['metrics']):>12}" for n in names))
-    if "sync" in results:
+    if "sync" in results and "async" in results:
         pred = predicted_overlap_speedup(results["sync"]["events"])
         print(
             f"predicted overlap speedup from the sync run's step times, (cpu + device) / max(cpu, device): {pred:.2f}x"

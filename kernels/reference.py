@@ -34,6 +34,27 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping):
     v_cache.view(-1, n_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
+def write_kv_pages(k_cache, v_cache, k, v, page_ids):
+    """Write a chunk of new tokens that starts on a page boundary, a whole page at a time: token j goes
+    to page page_ids[j // block_size] at offset j % block_size; the last page may be partial.
+
+    >>> kc = vc = torch.zeros(3, 2, 1, 1)                       # 3 pages of 2 slots
+    >>> write_kv_pages(kc, vc, torch.ones(3, 1, 1), torch.ones(3, 1, 1), torch.tensor([2, 0]))
+    >>> kc[2].flatten().tolist(), kc[0].flatten().tolist()
+    ([1.0, 1.0], [1.0, 0.0])
+    """
+    n, H, D = k.shape
+    block_size = k_cache.shape[1]
+    full, rest = divmod(n, block_size)
+    page_ids = page_ids.long()
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        new = new.to(cache.dtype)
+        if full:
+            cache.index_copy_(0, page_ids[:full], new[: full * block_size].view(full, block_size, H, D))
+        if rest:
+            cache[page_ids[full], :rest] = new[full * block_size :]
+
+
 def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_q, max_ctx):
     """Attention of the step's new queries over each request's pages (module docstring: the layout).
 

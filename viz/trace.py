@@ -182,6 +182,10 @@ def _stats(xs):
     return {"mean": statistics.fmean(xs), "p50": pick(0.5), "p99": pick(0.99)}
 
 
+def _spread(xs):
+    return {"mean": statistics.fmean(xs) if xs else 0.0, "sd": statistics.pstdev(xs) if xs else 0.0}
+
+
 def compute_metrics(events) -> dict:
     """The run's metrics (the `metrics` object of `--output-json`), from its events alone."""
     arrived = {e.request_id: e.t for e in events if isinstance(e, RequestArrived)}
@@ -221,6 +225,7 @@ def compute_metrics(events) -> dict:
         "preemptions": sum(isinstance(e, Preempted) for e in events),
         "discarded_tokens": sum(isinstance(e, Discarded) for e in events),
         "step_ms": step_breakdown(events),
+        "microbatch_tokens": _spread([sum(e.num_tokens) for e in events if isinstance(e, StepScheduled)]),
     }
 
 

@@ -1,0 +1,52 @@
+"""The engine on the Triton kernels (interpreted on a CPU, compiled on a GPU): the same greedy tokens as
+transformers, through the eager path and through the static decode buffers that CUDA graphs replay."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when kernels.paged_attention is imported
+
+import nanoserve as ns
+from sched import SamplingParams
+from tests.test_greedy import workload
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "decode-graphs"])
+@pytest.mark.parametrize("sched", ["sync", "async"])
+def test_triton_engine_matches_transformers(tiny_gpt2, hf_greedy, graphs, sched):
+    llm = ns.LLM(
+        str(tiny_gpt2),
+        sched=sched,
+        attention="triton",
+        cuda_graphs=graphs,
+        device=DEVICE,
+        dtype="float32",
+        max_num_seqs=12,
+        block_size=8,
+        num_gpu_blocks_override=40,
+    )
+    assert llm.runner.ops.__name__ == "kernels.paged_attention"
+    replays = []
+    if graphs:  # count the decode steps that went through the static buffers
+        run = llm.runner.graphs.run
+        llm.runner.graphs.run = lambda x: replays.append(x["num_rows"]) or run(x)
+    prompts, max_tokens = workload()
+    prompts, max_tokens = prompts[:6], [min(m, 8) for m in max_tokens[:6]]
+    outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=m) for m in max_tokens], use_tqdm=False)
+    assert [o.output_token_ids for o in outs] == [hf_greedy(p, m) for p, m in zip(prompts, max_tokens)]
+    llm.scheduler.blocks.check()
+    if graphs:
+        assert len(replays) >= 5 and set(replays) > {6}, "decode steps should replay, with several batch sizes"
+
+
+def test_triton_backend_off_cuda_needs_the_interpreter(tiny_gpt2, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the Triton backend is the default")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="need a CUDA GPU; on a CPU set TRITON_INTERPRET=1"):
+        ns.LLM(str(tiny_gpt2), attention="triton")
