@@ -341,6 +341,7 @@ def load_model(model: str | None = None, load_format: str = "auto", dtype=torch.
         gpt = GPT(cfg)  # dummy weights: GPT-2's initialisation
     if load_format != "dummy":
         gpt.load_state_dict(read_weights(folder, gpt), strict=True)
+    gpt.folder = None if load_format == "dummy" and model in GPT2_FAMILY else folder  # where it came from
     return gpt.to(dtype).eval(), cfg, tok, name
 
 
@@ -699,9 +700,11 @@ class ModelRunner:
         temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
         logits = logits / temp[:, None]
         top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=logits.device)
-        if (top_k < V).any():
-            kth = logits.sort(dim=-1, descending=True).values.gather(1, (top_k - 1)[:, None])
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if (top_k < V).any():  # keep the k largest: everything below the k-th value goes
+            cut = top_k < V
+            k_max = int(top_k[cut].max())
+            kth = logits.topk(k_max, dim=-1).values.gather(1, (top_k.clamp(max=k_max) - 1)[:, None])
+            logits = logits.masked_fill((logits < kth) & cut[:, None], float("-inf"))
         probs = logits.softmax(dim=-1)
         top_p = torch.tensor([p.top_p for p in params], device=logits.device)
         if (top_p < 1).any():
@@ -1002,13 +1005,13 @@ def resolve_dtype(dtype, device):
 # -----------------------------------------------------------------------------
 # Workloads and the command line
 
-DEMO_PROMPTS = [
-    "ROMEO:\n",
-    "JULIET:\n",
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n",
-    "KING RICHARD III:\nNow is the winter of our discontent\n",
-    "HAMLET:\nTo be, or not to be,",
-    "MENENIUS:\nWhat work's, my countrymen, in hand? where go you\n",
+DEMO_PROMPTS = [  # for a model folder without demo_prompts.jsonl
+    "Hello, my name is",
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "The future of AI is",
+    "A paged KV cache lets a serving engine",
+    "The quick brown fox",
 ]
 
 
@@ -1099,7 +1102,14 @@ def build_parser():
     g.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second")
     g = p.add_argument_group("output")
     g.add_argument("--output-json", default=None, help="write config, metrics and every request as JSON")
-    g.add_argument("--trace", default=None, help="write the step log (JSONL) of every event")
+    g.add_argument(
+        "--trace",
+        default=None,
+        help="FILE.jsonl: the step log of every event (replay: python -m viz FILE.jsonl);\n"
+        "FILE.json: a Chrome/Perfetto trace (open it at ui.perfetto.dev)",
+    )
+    g.add_argument("--viz", action="store_true", help="watch the run live in the terminal visualizer")
+    g.add_argument("--viz-speed", type=float, default=None, help="--viz pace in steps/s (default: full speed)")
     g.add_argument("--quiet", action="store_true", help="no completions, no progress bar")
     return p
 
@@ -1132,8 +1142,12 @@ def make_requests(args, llm: LLM) -> list[tuple[object, SamplingParams, str | No
             args.seed,
         )
         return [(d["prompt_token_ids"], with_max(args.max_tokens or d["max_tokens"]), None, None) for d in items]
-    prompts = DEMO_PROMPTS * -(-(args.num_prompts or len(DEMO_PROMPTS)) // len(DEMO_PROMPTS))
-    return [(p, base, None, None) for p in prompts[: args.num_prompts or len(DEMO_PROMPTS)]]
+    # demo: the model's own demo prompts when its folder has them (the embedded model does), else generic ones
+    demo_file = llm.model.folder and Path(llm.model.folder) / "demo_prompts.jsonl"
+    items = read_prompts_file(demo_file) if demo_file and demo_file.exists() else [{"prompt": p} for p in DEMO_PROMPTS]
+    n = args.num_prompts or len(items)
+    items = (items * -(-n // len(items)))[:n]
+    return [(d["prompt"], with_max(args.max_tokens or d.get("max_tokens", 64)), None, None) for d in items]
 
 
 def poisson_arrivals(n, rate, seed):
@@ -1144,9 +1158,9 @@ def poisson_arrivals(n, rate, seed):
     return out
 
 
-def print_summary(m: dict, file=sys.stdout):
+def print_summary(m: dict, file=None):
     """vLLM's benchmark_throughput wording, then latency and engine counters."""
-    pr = lambda *a: print(*a, file=file)
+    pr = lambda *a: print(*a, file=file or sys.stdout)
     pr(
         f"Throughput: {m['request_throughput']:.2f} requests/s, {m['total_throughput']:.2f} total tokens/s, "
         f"{m['output_throughput']:.2f} output tokens/s"
@@ -1301,7 +1315,14 @@ def main(argv=None):
         except (ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        run_with_progress(llm, reqs, name, show)
+        if args.viz:
+            from viz.app import run_live  # only the viewer imports Textual
+
+            if not run_live(llm, speed=args.viz_speed):
+                print("viewer closed before the run finished", file=sys.stderr)
+                return 130
+        else:
+            run_with_progress(llm, reqs, name, show)
         results[name] = dict(
             config={**llm.config, **vars(args), "sched": name},
             metrics=llm.metrics(),
@@ -1330,7 +1351,11 @@ def main(argv=None):
     if args.output_json:
         out = {n: {k: v for k, v in r.items() if k != "events"} for n, r in results.items()}
         Path(args.output_json).write_text(json.dumps(out if args.compare else out[name], indent=1, default=str))
-    if args.trace:
+    if args.trace and args.trace.endswith(".json"):
+        from viz.perfetto import write_perfetto
+
+        write_perfetto(llm.recorder.events, args.trace)
+    elif args.trace:
         llm.recorder.write_jsonl(args.trace)
     return 1 if any(r["error"] for r in records) else 0
 

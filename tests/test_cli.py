@@ -115,3 +115,22 @@ def test_truncated_trace_names_the_line(tmp_path):
 
     with pytest.raises(ValueError, match="line 2"):
         read_jsonl(p)
+
+
+def test_viz_flag_runs_the_live_viewer_and_trace_json_writes_perfetto(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    import viz.app
+
+    seen, run_live = {}, viz.app.run_live
+
+    def headless(llm, **kw):  # the real viewer, without a terminal, closing when the run ends
+        seen["llm"] = llm
+        return run_live(llm, exit_when_done=True, headless=True, **kw)
+
+    monkeypatch.setattr(viz.app, "run_live", headless)
+    out = tmp_path / "run.json"
+    argv = ["--model", str(tiny_gpt2), "--workload", "random", "--num-prompts", "6", "--output-len", "2:5"]
+    assert ns.main([*argv, "--ignore-eos", "--viz", "--trace", str(out), "--quiet"]) == 0
+    assert all(r.finished for r in seen["llm"].requests.values()) and len(seen["llm"].requests) == 6
+    trace = json.loads(out.read_text())
+    assert trace["displayTimeUnit"] and {e["ph"] for e in trace["traceEvents"]} >= {"X", "b", "e", "C"}
+    assert "Throughput:" in capsys.readouterr().out

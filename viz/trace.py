@@ -201,7 +201,7 @@ def compute_metrics(events) -> dict:
         for e in ok
         if e.request_id in first and e.num_output_tokens > 1
     ]
-    spans = [e for e in events if isinstance(e, Span) and e.end > start]
+    spans = [e for e in events if isinstance(e, Span) and e.end > start and e.t < end]  # inside the run's window
     clip = lambda ss: [(max(s.t, start), min(s.end, end)) for s in ss]
     device = clip(s for s in spans if s.lane.startswith("device"))  # "device", or "device/k" per pipeline stage
     stages = sorted({s.lane for s in spans if s.lane.startswith("device/")})

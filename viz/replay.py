@@ -1,0 +1,60 @@
+"""Replaying a step log (`--trace RUN.jsonl`): the recorded events cut into one frame per engine step.
+
+Frame k holds the events up to the end of step k's update, the moment the live engine's generator
+yielded after that step; frame 0 is the run before its first step, the last frame is the whole log.
+Seeking back rebuilds the state from the start, so every frame is exactly what applying that prefix
+of the log gives, the same state a live viewer showed at that step.
+
+    >>> from viz.trace import RunInfo, Span, StepScheduled
+    >>> ev = [RunInfo(0.0, 4, 2), StepScheduled(0.1, 0, [], [], []), Span(0.1, 0.2, "cpu", "update", 0)]
+    >>> Replay(ev).frames
+    [1, 3]
+"""
+
+from viz.state import RunState
+
+
+def frame_ends(events) -> list[int]:
+    """Event counts at which the replay can stop: before the first step, after each update, the end."""
+    stepping = ("Pages", "Preempted", "StepScheduled", "Span")  # the scheduler at work (not arrivals)
+    first = next((i for i, e in enumerate(events) if type(e).__name__ in stepping), len(events))
+    ends = [first]
+    for i, e in enumerate(events):
+        if type(e).__name__ == "Span" and e.lane == "cpu" and e.name == "update" and i + 1 > ends[-1]:
+            ends.append(i + 1)
+    if ends[-1] != len(events):
+        ends.append(len(events))
+    return ends
+
+
+class Replay:
+    """A cursor over a recorded run: `seek(frame)` gives the RunState at that frame.
+
+    `state`: a RunState that has applied all of `events` already (a live run that just ended); the
+    cursor then starts at the last frame without applying anything again.
+    """
+
+    def __init__(self, events: list, state: RunState | None = None):
+        self.events = events
+        self.frames = frame_ends(events)
+        self.num_steps = sum(type(e).__name__ == "StepScheduled" for e in events)
+        if state is not None and state.num_events == len(events):
+            self.state, self.frame = state, self.last
+        else:
+            self.frame = 0
+            self.state = RunState()
+            self.seek(0)
+
+    @property
+    def last(self) -> int:
+        return len(self.frames) - 1
+
+    def seek(self, frame: int) -> RunState:
+        frame = max(0, min(frame, self.last))
+        target = self.frames[frame]
+        if target < self.state.num_events:  # backwards: rebuild from the start
+            self.state = RunState()
+        self.state.apply_all(self.events[self.state.num_events : target])
+        self.state.done = frame == self.last
+        self.frame = frame
+        return self.state
