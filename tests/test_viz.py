@@ -43,7 +43,7 @@ FIXTURE = Path(__file__).parent / "viz_run.jsonl"
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():
-    """The CLI's default: on a shared 2-core machine two threads make every tiny step much slower."""
+    """One thread: the live tests run the engine thread and the app together on 2 cores."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
