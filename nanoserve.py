@@ -31,7 +31,6 @@ from viz.trace import RequestArrived, RequestFinished, RunInfo, Span, compute_me
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "models" / "shakespeare"
-TORCH_DEFAULT_THREADS = torch.get_num_threads()  # the cores torch would use (honours OMP_NUM_THREADS)
 
 # -----------------------------------------------------------------------------
 # The model: GPT-2 (learned positions, pre-LayerNorm, tanh-GELU, LM head tied to the embedding)
@@ -1075,7 +1074,7 @@ def build_parser():
         help="auto: Triton kernels on CUDA, the torch reference on CPU",
     )
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores / busy threads)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     g = p.add_argument_group("engine")
     g.add_argument("--sched", default="sync", help=f"the scheduler: {', '.join(SCHEDULERS)}")
     g.add_argument("--pp", type=int, default=1, help="pipeline stages: the layers split into PP stage workers")
@@ -1304,24 +1303,11 @@ def print_comparison(results: dict):
         )
 
 
-def default_threads(scheds: list[str], pp: int, cores: int | None = None) -> int:
-    """Torch intra-op threads for a CPU run: the cores shared among the threads that work at once.
-
-    Sync runs one forward at a time while the engine thread waits: it gets every core (measured on 2
-    cores: 1.6x the throughput of 1 thread at batch 64). A scheduler that plans ahead keeps the engine
-    thread busy during the forward, and each pipeline stage runs on its own thread: they split the
-    cores (async gains nothing from a 2nd thread on 2 cores, the planning thread needs it). --compare
-    gives every scheduler the same count, so the table compares scheduling alone.
-    """
-    cores = cores or TORCH_DEFAULT_THREADS
-    plans_ahead = pp > 1 or any(n in SCHEDULERS and SCHEDULERS[n].depth > 1 for n in scheds)
-    return max(1, cores // (pp + plans_ahead))
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     scheds = args.compare.split(",") if args.compare else [args.sched]
-    torch.set_num_threads(args.threads or default_threads(scheds, args.pp))
+    if args.threads:  # default: torch's own, one per core (measured best on 2 cores for every scheduler)
+        torch.set_num_threads(args.threads)
     show = not args.quiet
     if args.compare:  # a process's first run pays one-time costs (lazy init, allocator growth): pay them untimed
         try:
