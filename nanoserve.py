@@ -1117,14 +1117,16 @@ def build_parser():
 def make_requests(args, llm: LLM) -> list[tuple[object, SamplingParams, str | None]]:
     """(prompt, params, error) per request of the chosen workload."""
     demo = args.workload == "demo" and not args.prompts_file
+    # --max-tokens, else the workload's own length (0 is kept: each request then fails with a clear error)
+    max_tokens = lambda default: default if args.max_tokens is None else args.max_tokens
     base = SamplingParams(
         temperature=args.temperature if args.temperature is not None else (0.8 if demo else 1.0),
         top_k=args.top_k if args.top_k is not None else (40 if demo else 0),
         top_p=args.top_p,
-        max_tokens=args.max_tokens or 64,
+        max_tokens=max_tokens(64),
         ignore_eos=args.ignore_eos,
     )
-    with_max = lambda n: SamplingParams(**{**asdict(base), "max_tokens": n})
+    with_max = lambda n: SamplingParams(**{**asdict(base), "max_tokens": max_tokens(n)})
     if args.prompts_file:
         out = []
         for d in read_prompts_file(args.prompts_file):
@@ -1141,13 +1143,13 @@ def make_requests(args, llm: LLM) -> list[tuple[object, SamplingParams, str | No
             llm.model_config.vocab_size,
             args.seed,
         )
-        return [(d["prompt_token_ids"], with_max(args.max_tokens or d["max_tokens"]), None, None) for d in items]
+        return [(d["prompt_token_ids"], with_max(d["max_tokens"]), None, None) for d in items]
     # demo: the model's own demo prompts when its folder has them (the embedded model does), else generic ones
     demo_file = llm.model.folder and Path(llm.model.folder) / "demo_prompts.jsonl"
     items = read_prompts_file(demo_file) if demo_file and demo_file.exists() else [{"prompt": p} for p in DEMO_PROMPTS]
     n = args.num_prompts or len(items)
     items = (items * -(-n // len(items)))[:n]
-    return [(d["prompt"], with_max(args.max_tokens or d.get("max_tokens", 64)), None, None) for d in items]
+    return [(d["prompt"], with_max(d.get("max_tokens", 64)), None, None) for d in items]
 
 
 def poisson_arrivals(n, rate, seed):

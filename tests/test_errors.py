@@ -98,3 +98,8 @@ def test_malformed_prompts_file_line(tiny_gpt2, tmp_path):
     reqs = json.loads((tmp_path / "out.json").read_text())["requests"]
     assert [q["finish_reason"] for q in reqs] == ["length", "error", "length", "error", "error"]
     assert len(reqs[2]["output_token_ids"]) == 3
+
+
+def test_max_tokens_zero_on_the_command_line_is_an_error_not_the_default(tiny_gpt2, capsys):
+    assert ns.main(["--model", str(tiny_gpt2), "--workload", "random", "--num-prompts", "2", "--max-tokens", "0"]) == 1
+    assert "max_tokens=0: a request must generate at least 1 token" in capsys.readouterr().err
