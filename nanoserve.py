@@ -23,6 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# sched/, kernels/ and viz/ are top-level packages beside this file, run from the checkout like nanoGPT.
+# `sched` shares its name with a standard-library module: put this folder first, wherever we are imported from.
+if sys.path[0] != str(Path(__file__).resolve().parent):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from kernels import reference
 from sched import SCHEDULERS, FinishReason, Request, SamplingParams, SchedulerConfig, make_scheduler
 from sched.base import PLACEHOLDER

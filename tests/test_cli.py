@@ -20,6 +20,23 @@ METRICS = {
 }
 
 
+def test_import_from_another_directory_finds_our_sched_not_the_stdlib_one(tmp_path):
+    """As after `pip install -e .`: the module is found, its folder is not on sys.path, and the standard
+    library's `sched` comes first there."""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('nanoserve', {str(ns.ROOT / 'nanoserve.py')!r})\n"
+        "m = sys.modules['nanoserve'] = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(m)\n"
+        "import sched\n"
+        "print(sorted(m.SCHEDULERS), sched.__file__)\n"
+    )
+    r = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "['async', 'balanced', 'page-aligned', 'sync']" in r.stdout
+    assert str(ns.ROOT / "sched") in r.stdout
+
+
 def test_cli_from_another_directory_writes_the_json_contract(tiny_gpt2, tmp_path):
     out, trace = tmp_path / "out.json", tmp_path / "run.jsonl"
     r = subprocess.run(
