@@ -500,11 +500,13 @@ class CUDAHandle:
     .result() waits for that copy, then records the step's device spans from its CUDA events.
     (On CPU the handle is the device thread's Future, whose .result() re-raises the step's error.)"""
 
-    def __init__(self, runner, step, ids_cpu, done, marks):
+    def __init__(self, runner, step, ids_cpu, done, marks, inputs):
         self.runner, self.step, self.ids_cpu, self.done, self.marks = runner, step, ids_cpu, done, marks
+        self.inputs = inputs
 
     def result(self):
         self.done.synchronize()
+        self.inputs = None
         for a, b, lane, name in self.marks:
             t = self.runner.event_time
             self.runner.recorder.emit(Span(t(a), t(b), lane, name, self.step))
@@ -551,10 +553,12 @@ class ModelRunner:
         self.ops = attention_backend(attention, device, cfg)
         self.generator = torch.Generator(device).manual_seed(seed)  # requests without a seed of their own
         self.request_gen = torch.Generator(device)  # re-seeded per token for requests with a seed
-        # on CPU each pipeline stage (just one without --pp) is a thread; on CUDA the stream orders the work
+        # on CPU each pipeline stage (just one without --pp) is a thread; on CUDA a stream orders the work,
+        # with --pp a stream per stage, so that the stages of different microbatches overlap on the GPU
         self.pools = (
             [ThreadPoolExecutor(1, thread_name_prefix=lane) for lane in self.lanes] if device.type == "cpu" else None
         )
+        self.streams = [torch.cuda.Stream(device) for _ in range(pp)] if device.type == "cuda" and pp > 1 else None
         self.prev_rows = {}  # request id -> its row in the previous step's sampled ids (for placeholders)
         self.prev_sampled = None  # that step's sampled ids, still on the device
         if device.type == "cuda":  # device times are read from CUDA events, relative to this anchor
@@ -586,14 +590,23 @@ class ModelRunner:
                 fut = self.pools[k].submit(lambda k=k, prev=fut: self.run_stage(k, inputs, prev.result(), batch.step))
             return fut
         h, marks = None, []
+        prev = torch.cuda.current_stream(self.device)  # prepare copied the inputs on it
         for k in range(self.pp):
-            h = self.run_stage(k, inputs, h, batch.step, marks)
-        ids = h
-        ids_cpu = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-        ids_cpu.copy_(ids, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return CUDAHandle(self, batch.step, ids_cpu, done, marks)
+            stream = prev if self.streams is None else self.streams[k]
+            if stream != prev:  # --pp: stage k of this batch starts when stage k - 1 of it is done
+                stream.wait_stream(prev)
+                if h is not None:  # made on stage k - 1's stream: not to be reused before this one has read it
+                    h.record_stream(stream)
+            with torch.cuda.stream(stream):
+                h = self.run_stage(k, inputs, h, batch.step, marks)
+            prev = stream
+        with torch.cuda.stream(prev):
+            ids_cpu = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
+            ids_cpu.copy_(h, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        # the handle keeps the inputs alive until the last stage is done with them
+        return CUDAHandle(self, batch.step, ids_cpu, done, marks, inputs)
 
     def prepare(self, batch) -> dict:
         """Flat token ids, positions and cache slots of the step, plus per-request attention data."""

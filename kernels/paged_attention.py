@@ -68,7 +68,10 @@ are converted to q's dtype, as in the reference); any block_size >= 1; head_dim 
 The Triton interpreter (CPU) cannot run a bfloat16 `tl.dot`, so there bf16 prefill needs kernel 3.
 """
 
+import contextlib
 import functools
+import os
+import threading
 
 import torch
 import triton
@@ -290,6 +293,20 @@ def _attn_tiled_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
+# Triton's interpreter (TRITON_INTERPRET=1) keeps the launch grid in one global, so two threads launching at
+# once (--pp on a CPU runs a thread per pipeline stage) would mix their grids: there, one launch at a time.
+_launch_lock = threading.Lock() if os.environ.get("TRITON_INTERPRET") == "1" else contextlib.nullcontext()
+
+
+def _one_launch_at_a_time(launch):
+    @functools.wraps(launch)
+    def locked(*args, **kwargs):
+        with _launch_lock:
+            return launch(*args, **kwargs)
+
+    return locked
+
+
 def _check_cache(k_cache, v_cache):
     if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
         raise ValueError(
@@ -322,6 +339,7 @@ def _block_n(head_dim):
     return 64 if head_dim <= 64 else 32
 
 
+@_one_launch_at_a_time
 def write_kv(k_cache, v_cache, k, v, slot_mapping):
     """Scatter each new token's key and value into its slot of the paged cache (Triton).
 
@@ -342,6 +360,7 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping):
     _write_kv_kernel[(n,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), hd, block_hd)
 
 
+@_one_launch_at_a_time
 def write_kv_pages(k_cache, v_cache, k, v, page_ids):
     """Write a chunk of new tokens that starts on a page boundary: token j goes to page
     page_ids[j // block_size] at offset j % block_size. The last page may be partial (its tail is
@@ -406,6 +425,7 @@ def _attention_args(q, k_cache, v_cache):
     return q, torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
+@_one_launch_at_a_time
 def paged_attention_rowwise(
     q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_q, max_ctx, *, num_kv_splits=1
 ):
@@ -444,6 +464,7 @@ def paged_attention_rowwise(
     return out
 
 
+@_one_launch_at_a_time
 def paged_attention_tiled(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_q, max_ctx):
     """Kernel 5: FlashAttention-2 tiles of BLOCK_M queries; `reference.paged_attention`'s contract.
     The prefill kernel (it handles decode rows in the same batch as 1-row tiles)."""

@@ -50,3 +50,26 @@ def test_triton_backend_off_cuda_needs_the_interpreter(tiny_gpt2, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="need a CUDA GPU; on a CPU set TRITON_INTERPRET=1"):
         ns.LLM(str(tiny_gpt2), attention="triton")
+
+
+@pytest.mark.parametrize("sched", ["sync", "balanced"])
+def test_triton_pipeline_matches_transformers(tiny_gpt2, hf_greedy, sched):
+    """--pp 2: on a CPU a thread per stage, on a GPU a CUDA stream per stage with microbatches overlapping."""
+    llm = ns.LLM(
+        str(tiny_gpt2),
+        sched=sched,
+        pp=2,
+        attention="triton",
+        device=DEVICE,
+        dtype="float32",
+        max_num_seqs=12,
+        block_size=8,
+        num_gpu_blocks_override=40,
+    )
+    if DEVICE == "cuda":
+        assert len(llm.runner.streams) == 2
+    prompts, max_tokens = workload()
+    prompts, max_tokens = prompts[:6], [min(m, 8) for m in max_tokens[:6]]
+    outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=m) for m in max_tokens], use_tqdm=False)
+    assert [o.output_token_ids for o in outs] == [hf_greedy(p, m) for p, m in zip(prompts, max_tokens)]
+    llm.scheduler.blocks.check()
