@@ -9,6 +9,7 @@ The scheduling policies live in sched/, the attention kernels in kernels/, the t
 """
 
 import argparse
+import bisect
 import json
 import os
 import random
@@ -874,7 +875,7 @@ class LLM:
             req.token_ids = list(req.prompt_token_ids)
             params.validate()
             self.check_prompt(req.prompt_token_ids)
-            self.pending.append(req)
+            bisect.insort(self.pending, req, key=lambda r: r.arrival_time)  # also while run() is going
         except ValueError as e:
             self.fail(req, str(e))
         return req
@@ -936,7 +937,6 @@ class LLM:
         sched, runner, rec = self.scheduler, self.runner, self.recorder
         inflight = deque()
         t_start = rec.now()
-        self.pending.sort(key=lambda r: r.arrival_time)
         stalled = 0
         while self.pending or sched.has_work() or inflight:
             self._admit(t_start)

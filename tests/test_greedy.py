@@ -128,6 +128,29 @@ def test_abort_frees_pages(tiny_gpt2):
     assert llm.scheduler.blocks.num_free_blocks == 64
 
 
+def test_a_request_added_mid_run_is_served_before_later_arrivals(tiny_gpt2):
+    """add_request while driving run() step by step: the new request is admitted at once, not behind one
+    that arrives later, and it gets the tokens it would get alone."""
+    prompts, _ = workload()
+    params = SamplingParams(temperature=0, max_tokens=4)
+    alone = ns.LLM(str(tiny_gpt2)).generate([prompts[3]], params, use_tqdm=False)[0].output_token_ids
+    llm = ns.LLM(str(tiny_gpt2))
+    llm.add_request(prompts[0], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    late = llm.add_request(prompts[1], params, arrival_s=600.0)  # ten minutes from now
+    steps = llm.run()
+    next(steps)
+    new = llm.add_request(prompts[3], params)
+    for _ in range(20):
+        next(steps)
+        if new.finished:
+            break
+    assert new.output_token_ids == alone and late in llm.pending
+    llm.abort(late.request_id)
+    for _ in steps:
+        pass
+    assert late.finish_reason.value == "abort"
+
+
 def test_stream_yields_every_token_in_order(tiny_gpt2):
     llm = ns.LLM(str(tiny_gpt2))
     prompts, _ = workload()
