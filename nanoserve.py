@@ -752,6 +752,7 @@ class RequestOutput:
     text: str
     finish_reason: str | None
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 class LLM:
@@ -1003,7 +1004,8 @@ class LLM:
     def output(self, req: Request) -> RequestOutput:
         text = self.tokenizer.decode(req.output_token_ids) if self.tokenizer else ""
         reason = req.finish_reason.value if req.finish_reason else None
-        return RequestOutput(req.request_id, req.prompt_token_ids, req.output_token_ids, text, reason, req.error)
+        ids, cached = req.prompt_token_ids, max(req.num_cached_tokens, 0)
+        return RequestOutput(req.request_id, ids, req.output_token_ids, text, reason, req.error, cached)
 
     def metrics(self) -> dict:
         return compute_metrics(self.recorder.events)
@@ -1221,6 +1223,7 @@ def request_records(llm: LLM, reqs: list[Request]) -> list[dict]:
                 text=o.text,
                 finish_reason=o.finish_reason,
                 error=o.error,
+                num_cached_tokens=o.num_cached_tokens,
                 ttft_ms=ms(arrived, first, r.request_id),
                 e2e_ms=ms(arrived, done, r.request_id),
             )

@@ -238,6 +238,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.running.append(req)
+            if req.num_cached_tokens < 0:  # first scheduled: what the prefix cache saved it (as vLLM reports)
+                req.num_cached_tokens = req.num_computed_tokens
             req.status = Status.RUNNING
             scheduled.append(self._take(req, n))
             budget -= self.charge(req, n)

@@ -70,6 +70,7 @@ class Request:
     num_computed_tokens: int = 0
     num_placeholders: int = 0  # tokens being sampled by a step still in flight (async scheduling)
     num_inflight: int = 0  # batches holding this request that the engine has not yet updated from
+    num_cached_tokens: int = -1  # prompt tokens found in the prefix cache when first scheduled (-1: not yet)
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     error: str | None = None

@@ -83,6 +83,7 @@ def test_cli_from_another_directory_writes_the_json_contract(tiny_gpt2, tmp_path
             "text",
             "finish_reason",
             "error",
+            "num_cached_tokens",
             "ttft_ms",
             "e2e_ms",
         } <= q.keys()

@@ -151,6 +151,22 @@ def test_a_request_added_mid_run_is_served_before_later_arrivals(tiny_gpt2):
     assert late.finish_reason.value == "abort"
 
 
+def test_num_cached_tokens_counts_the_prefix_hit(tiny_gpt2):
+    """A second run of prompts sharing 40 tokens: whole pages of the shared prefix come from the cache."""
+    prompts, _ = workload()
+    shared = prompts[-3:]  # 40 shared tokens, then 1, 9 and 23 of their own
+    llm = ns.LLM(str(tiny_gpt2), block_size=8)
+    params = SamplingParams(temperature=0, max_tokens=3)
+    first = llm.generate(shared[:1], params, use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0
+    again = llm.generate(shared, params, use_tqdm=False)
+    # the first prompt's 41 tokens left 5 full pages; one token is always recomputed
+    assert [o.num_cached_tokens for o in again] == [40, 40, 40]
+    off = ns.LLM(str(tiny_gpt2), block_size=8, enable_prefix_caching=False).generate(shared, params, use_tqdm=False)
+    assert [o.num_cached_tokens for o in off] == [0, 0, 0]
+    assert [o.output_token_ids for o in again] == [o.output_token_ids for o in off]
+
+
 def test_stream_yields_every_token_in_order(tiny_gpt2):
     llm = ns.LLM(str(tiny_gpt2))
     prompts, _ = workload()
