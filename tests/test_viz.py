@@ -17,6 +17,7 @@ import torch
 import nanoserve as ns
 from sched import SamplingParams
 from viz.__main__ import main as viz_main
+from viz.__main__ import render_svg
 from viz.app import VizApp, run_live
 from viz.live import EngineDriver, Pacer
 from viz.perfetto import to_perfetto
@@ -361,6 +362,16 @@ def test_screenshot_help_and_theme_keys(tmp_path):
 
     asyncio.run(go())
     assert not app.is_running
+
+
+def test_render_svg_works_inside_a_running_event_loop_as_in_a_notebook():
+    async def cell():  # a Jupyter cell runs inside the kernel's event loop
+        app = VizApp(events=read_jsonl(FIXTURE), paused=True, at="end")
+        return render_svg(app, (100, 30))
+
+    svg = asyncio.run(cell())
+    assert svg.startswith("<svg") and "Timeline" in svg
+    assert svg == render_svg(VizApp(events=read_jsonl(FIXTURE), paused=True, at="end"), (100, 30))
 
 
 # --- errors ------------------------------------------------------------------------------------------

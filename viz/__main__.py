@@ -7,7 +7,9 @@ python -m viz run.jsonl --screenshot shot.svg --size 120x36 --at end   # no term
 """
 
 import argparse
+import asyncio
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from viz.trace import read_jsonl
@@ -71,13 +73,23 @@ def main(argv=None) -> int:
 
 
 def render_svg(app, size: tuple[int, int]) -> str:
-    """Run `app` headless at `size` and return one frame as SVG."""
+    """Run `app` headless at `size` and return one frame as SVG.
+
+    Also from inside a running event loop (a Jupyter cell): the app then runs on a thread of its own,
+    since Textual starts an event loop of its own and one thread holds at most one.
+    """
 
     async def shoot(pilot):
         await pilot.pause()
         pilot.app.exit(pilot.app.export_screenshot())
 
-    return app.run(headless=True, size=size, auto_pilot=shoot)
+    run = lambda: app.run(headless=True, size=size, auto_pilot=shoot)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return run()
+    with ThreadPoolExecutor(1, thread_name_prefix="render_svg") as pool:
+        return pool.submit(run).result()
 
 
 if __name__ == "__main__":
