@@ -109,6 +109,21 @@ class AttnMetadata:
     page_writes: list = ()
     scatter_rows: torch.Tensor | None = None
     scatter_slots: torch.Tensor | None = None
+    # the reference backend pads every request's queries to the longest, so a step that mixes decodes
+    # with a prefill chunk attends for each kind apart: (query rows, cu_seqlens_q, context_lens,
+    # block_tables, max_q, max_ctx) per kind (ModelRunner.prepare)
+    parts: list = ()
+
+    def attention(self, q, k_cache, v_cache, scale):
+        if not self.parts:
+            return self.ops.paged_attention(
+                q, k_cache, v_cache, self.cu_seqlens_q, self.context_lens, self.block_tables, scale,
+                self.max_q, self.max_ctx,
+            )  # fmt: skip
+        out = torch.empty_like(q)
+        for rows, cu, ctx, tables, max_q, max_ctx in self.parts:
+            out[rows] = self.ops.paged_attention(q[rows], k_cache, v_cache, cu, ctx, tables, scale, max_q, max_ctx)
+        return out
 
     def write_kv(self, k_cache, v_cache, k, v):
         if not self.page_writes:
@@ -139,17 +154,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(N, self.n_head, self.head_dim) for t in (q, k, v))
         k_cache, v_cache = meta.kv_caches[layer]
         meta.write_kv(k_cache, v_cache, k, v)
-        y = meta.ops.paged_attention(
-            q,
-            k_cache,
-            v_cache,
-            meta.cu_seqlens_q,
-            meta.context_lens,
-            meta.block_tables,
-            self.head_dim**-0.5,
-            meta.max_q,
-            meta.max_ctx,
-        )
+        y = meta.attention(q, k_cache, v_cache, self.head_dim**-0.5)
         return self.c_proj(y.reshape(N, C))
 
 
@@ -666,12 +671,33 @@ class ModelRunner:
             self.kv_caches,
             self.ops,
         )
+        q_lens = [b - a for a, b in zip(cu, cu[1:])]
+        if self.ops is reference and max_q > 1 and min(q_lens) == 1:  # decodes and prefill chunks apart
+            kinds = [[i for i, n in enumerate(q_lens) if n == 1], [i for i, n in enumerate(q_lens) if n > 1]]
+            meta.parts = [self.attention_part(kind, cu, ctx, batch.requests, as_tensor) for kind in kinds]
         if page_writes:
             meta.page_writes = [(a, b, as_tensor(pages)) for a, b, pages in page_writes]
             if scatter_rows:
                 meta.scatter_rows = as_tensor(scatter_rows)
                 meta.scatter_slots = as_tensor([slots[i] for i in scatter_rows])
         return x
+
+    @staticmethod
+    def attention_part(kind: list[int], cu, ctx, requests, as_tensor) -> tuple:
+        """The attention inputs of the requests `kind` alone (see AttnMetadata.parts).
+
+        The reference pads every request's queries to the step's longest: with 63 decodes beside one
+        512-token chunk that takes 13x the time of the two kinds apart (GPT-2 shapes, on CPU:
+        benchmarks/bench_mixed_attention.py). Triton's kernels take each request's own length."""
+        rows = [r for i in kind for r in range(cu[i], cu[i + 1])]
+        part_cu = [0]
+        for i in kind:
+            part_cu.append(part_cu[-1] + cu[i + 1] - cu[i])
+        max_pages = max(len(requests[i].block_table) for i in kind)
+        tables = [requests[i].block_table + [0] * (max_pages - len(requests[i].block_table)) for i in kind]
+        part_ctx, max_q = [ctx[i] for i in kind], max(part_cu[j + 1] - part_cu[j] for j in range(len(kind)))
+        i32 = lambda x: as_tensor(x, torch.int32)
+        return as_tensor(rows), i32(part_cu), i32(part_ctx), i32(tables), max_q, max(part_ctx)
 
     @torch.inference_mode()
     def run_stage(self, k: int, x: dict, h, step: int, marks=None):

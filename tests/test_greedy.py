@@ -1,9 +1,11 @@
 """The correctness oracle: with greedy sampling in fp32, every scheduler generates exactly the tokens of
 transformers' greedy `generate`, whatever the batching, paging, chunking, preemption or prefix caching."""
 
+import dataclasses
 import random
 
 import pytest
+import torch
 
 import nanoserve as ns
 from sched import SCHEDULERS, SamplingParams
@@ -106,6 +108,24 @@ def test_stop_token_ids(tiny_gpt2):
         n = f.output_token_ids.index(stop) + 1 if stop in f.output_token_ids else len(f.output_token_ids)
         assert c.output_token_ids == f.output_token_ids[:n]
     assert cut[2].finish_reason == "stop"
+
+
+def test_steps_mixing_decodes_and_chunks_attend_to_each_kind_apart(tiny_gpt2, monkeypatch):
+    """The reference backend gets a mixed step in two parts; each such step equals the padded call."""
+    split_steps = []
+    attention = ns.AttnMetadata.attention
+
+    def checked(meta, q, k_cache, v_cache, scale):
+        out = attention(meta, q, k_cache, v_cache, scale)
+        if meta.parts:
+            split_steps.append(len(meta.parts))
+            padded = attention(dataclasses.replace(meta, parts=()), q, k_cache, v_cache, scale)
+            torch.testing.assert_close(out, padded)
+        return out
+
+    monkeypatch.setattr(ns.AttnMetadata, "attention", checked)
+    run(tiny_gpt2, "sync", max_num_batched_tokens=24, block_size=4)
+    assert len(split_steps) >= 5 and set(split_steps) == {2}
 
 
 def test_context_limit_finishes_with_length(tiny_gpt2):
