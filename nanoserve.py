@@ -10,6 +10,7 @@ The scheduling policies live in sched/, the attention kernels in kernels/, the t
 
 import argparse
 import bisect
+import itertools
 import json
 import os
 import random
@@ -885,6 +886,7 @@ class LLM:
         )
         self.pending: list[Request] = []  # added, not yet arrived (--request-rate)
         self.requests: dict[str, Request] = {}
+        self.next_request_id = itertools.count()  # ids "0", "1", ... per engine, as in vLLM
 
     # --- requests -------------------------------------------------------------------------
 
@@ -893,10 +895,15 @@ class LLM:
     ) -> Request:
         """Queue a prompt (text or token ids). A bad one is finished at once with its error; others go on."""
         params = params or SamplingParams()
-        req = Request([], params, arrival_time=arrival_s)
-        if request_id is not None:
-            req.request_id = request_id
-        self.requests[req.request_id] = req
+        if request_id is None:  # the next number not taken by a request that was given its own id
+            request_id = str(next(self.next_request_id))
+            while request_id in self.requests:
+                request_id = str(next(self.next_request_id))
+        elif str(request_id) in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use; give each request its own id")
+        request_id = str(request_id)
+        req = Request([], params, request_id=request_id, arrival_time=arrival_s)
+        self.requests[request_id] = req
         try:
             req.prompt_token_ids = self.tokenize(prompt)
             req.token_ids = list(req.prompt_token_ids)

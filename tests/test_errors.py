@@ -103,3 +103,13 @@ def test_malformed_prompts_file_line(tiny_gpt2, tmp_path):
 def test_max_tokens_zero_on_the_command_line_is_an_error_not_the_default(tiny_gpt2, capsys):
     assert ns.main(["--model", str(tiny_gpt2), "--workload", "random", "--num-prompts", "2", "--max-tokens", "0"]) == 1
     assert "max_tokens=0: a request must generate at least 1 token" in capsys.readouterr().err
+
+
+def test_request_ids_count_per_engine_and_a_reused_id_is_refused(tiny_gpt2):
+    llm = ns.LLM(str(tiny_gpt2))
+    assert [llm.add_request([1, 2]).request_id for _ in range(2)] == ["0", "1"]
+    assert llm.add_request([1, 2], request_id="3").request_id == "3"
+    assert llm.add_request([1, 2]).request_id == "2" and llm.add_request([1, 2]).request_id == "4"
+    with pytest.raises(ValueError, match="request id '3' is already in use"):
+        llm.add_request([1, 2], request_id="3")
+    assert ns.LLM(str(tiny_gpt2)).add_request([1, 2]).request_id == "0"  # a second engine counts from 0
