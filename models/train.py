@@ -1,6 +1,6 @@
 """Train nanoserve's embedded default model: a byte-level BPE tokenizer and a small GPT-2, on a CPU.
 
-    python models/train.py --corpus ../shared/data/tinyshakespeare.txt --out models/shakespeare --threads 1
+    python models/train.py --corpus models/tinyshakespeare.txt --out models/shakespeare --threads 1
     python models/train.py --corpus some.txt --out /tmp/m --preset tiny --steps 50     # a quick look
 
 The output folder is a Hugging Face GPT-2 checkpoint (config.json, model.safetensors, tokenizer.json), so the

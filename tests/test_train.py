@@ -13,14 +13,13 @@ from tokenizers import Tokenizer
 from nanoserve import GPT, GPTConfig, hf_to_ours
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-FALLBACK = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 400
+CORPUS = ROOT / "models" / "tinyshakespeare.txt"
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
-    text = CORPUS.read_text(encoding="utf-8")[:30_000] if CORPUS.exists() else FALLBACK
+    text = CORPUS.read_text(encoding="utf-8")[:30_000]
     (tmp / "corpus.txt").write_text(text, encoding="utf-8")
     args = "--preset tiny --steps 40 --batch-size 8 --context-len 32 --vocab-size 300 --lr 3e-3 --warmup 5"
     cmd = [sys.executable, str(ROOT / "models" / "train.py"), "--corpus", "corpus.txt", "--out", "out"]
