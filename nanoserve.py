@@ -110,6 +110,7 @@ class AttnMetadata:
     page_writes: list = ()
     scatter_rows: torch.Tensor | None = None
     scatter_slots: torch.Tensor | None = None
+    fresh_pages: torch.Tensor | None = None  # pages written for the first time, zeroed first (CPU)
     # the reference backend pads every request's queries to the longest, so a step that mixes decodes
     # with a prefill chunk attends for each kind apart: (query rows, cu_seqlens_q, context_lens,
     # block_tables, max_q, max_ctx) per kind (ModelRunner.prepare)
@@ -127,6 +128,9 @@ class AttnMetadata:
         return out
 
     def write_kv(self, k_cache, v_cache, k, v):
+        if self.fresh_pages is not None:  # no garbage left past the new tokens in their last page
+            k_cache.index_fill_(0, self.fresh_pages, 0)
+            v_cache.index_fill_(0, self.fresh_pages, 0)
         if not self.page_writes:
             return self.ops.write_kv(k_cache, v_cache, k, v, self.slot_mapping)
         for a, b, pages in self.page_writes:
@@ -553,10 +557,20 @@ class ModelRunner:
         self.block_size = block_size
         dtype = next(model.parameters()).dtype
         shape = (num_blocks, block_size, cfg.n_head, cfg.head_dim)
+        # Every slot that attention reads must hold a finite number, written or not (kernels/reference.py).
+        # On a GPU the cache is zeroed once. On CPU zeroing it all at once commits all of its memory (GBs for
+        # GPT-2), which measured slower than memory the OS maps in at first touch: there each page is zeroed
+        # by the step that first writes it (`fresh` in prepare), and page 0, which pads block tables, now.
+        alloc = torch.zeros if device.type == "cuda" else torch.empty
         self.kv_caches = [
-            (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+            (alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device))
             for _ in range(cfg.n_layer)
         ]
+        self.zeroed = None if device.type == "cuda" else bytearray(num_blocks)  # pages zeroed so far (CPU)
+        if self.zeroed is not None:
+            for k_cache, v_cache in self.kv_caches:
+                k_cache[0], v_cache[0] = 0, 0
+            self.zeroed[0] = 1
         self.ops = attention_backend(attention, device, cfg)
         self.generator = torch.Generator(device).manual_seed(seed)  # requests without a seed of their own
         self.request_gen = torch.Generator(device)  # re-seeded per token for requests with a seed
@@ -619,7 +633,7 @@ class ModelRunner:
         """Flat token ids, positions and cache slots of the step, plus per-request attention data."""
         bs = self.block_size
         ids, pos, slots, cu, ctx, logits_idx, ph_dst, ph_src = [], [], [], [0], [], [], [], []
-        page_writes, scatter_rows = [], []
+        page_writes, scatter_rows, fresh = [], [], []
         for r in batch.requests:
             n = len(r.token_ids)
             if r.token_ids[-1] == PLACEHOLDER:  # sampled by the step before this one, still on the device
@@ -634,6 +648,11 @@ class ModelRunner:
             p = range(r.start, r.start + n)
             pos += p
             slots += [r.block_table[i // bs] * bs + i % bs for i in p]
+            if self.zeroed is not None:  # the pages this step writes: any not yet zeroed (see __init__)
+                for page in r.block_table[r.start // bs : -(-(r.start + n) // bs)]:
+                    if not self.zeroed[page]:
+                        self.zeroed[page] = 1
+                        fresh.append(page)
             if r.start % bs == 0 and n >= max(bs, 2):  # a chunk from a page boundary: write it page by page
                 page_writes.append((cu[-1], cu[-1] + n, r.block_table[r.start // bs : -(-(r.start + n) // bs)]))
             else:
@@ -676,6 +695,8 @@ class ModelRunner:
         if self.ops is reference and max_q > 1 and min(q_lens) == 1:  # decodes and prefill chunks apart
             kinds = [[i for i, n in enumerate(q_lens) if n == 1], [i for i, n in enumerate(q_lens) if n > 1]]
             meta.parts = [self.attention_part(kind, cu, ctx, batch.requests, as_tensor) for kind in kinds]
+        if fresh:
+            meta.fresh_pages = as_tensor(fresh)
         if page_writes:
             meta.page_writes = [(a, b, as_tensor(pages)) for a, b, pages in page_writes]
             if scatter_rows:

@@ -86,6 +86,10 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_table
     SDPA, so the reference is simple rather than fast. `max_q` and `max_ctx` are the largest q_len
     and context_len, passed as ints so that no device value is read back on the host.
     Returns (N, n_heads, head_dim) in q's dtype.
+
+    Every slot of the pages in `block_tables` must hold a finite number, written or not: torch.empty's
+    garbage may be NaN, so zero a cache before use (nanoserve's runner zeroes each page when it is
+    first written). Stale keys and values of freed pages are fine.
     """
     B = context_lens.shape[0]
     N, H, D = q.shape
@@ -109,10 +113,8 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_table
     # query t of request i sits at position context_len_i - q_len_i + t; it sees keys <= position
     q_pos = (context_lens - q_lens)[:, None] + torch.arange(max_q, device=device)  # (B, max_q)
     k_pos = torch.arange(max_ctx, device=device)
-    # slots past a request's context were never written: zero them, since a masked-out NaN in V
-    # would still poison the output (softmax weight 0 times NaN is NaN)
-    valid = (k_pos[None, :] < context_lens[:, None])[:, :, None, None]  # (B, max_ctx, 1, 1)
-    k, v = k.masked_fill_(~valid, 0), v.masked_fill_(~valid, 0)  # in place: k and v are copies
+    # keys past a request's context (the rest of its last page, padding pages) get weight 0 from the
+    # mask; their values must still be finite numbers, since 0 times NaN is NaN: see the docstring
     mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < context_lens[:, None, None])
     mask[:, :, 0] = True  # padded query rows see key 0 instead of nothing (no NaN); they are dropped
 

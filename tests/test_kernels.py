@@ -261,6 +261,23 @@ def test_write_kv_pages_refuses_a_mismatched_chunk():
         pa.write_kv_pages(*cache, k, k, torch.tensor([0, 1], device=DEVICE))
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_reference_is_dense_attention_over_each_requests_context(case):
+    """The oracle checked by hand, request by request: whatever finite values lie past a context (the rest
+    of a last page, padding pages) take no part."""
+    batch = {k: v.cpu() if torch.is_tensor(v) else v for k, v in make_batch(CASES[case], block_size=4).items()}
+    batch["k_cache"], batch["v_cache"] = batch["k_cache"] * 30, batch["v_cache"] * 30  # loud junk
+    out, cu = ref.paged_attention(**batch), batch["cu_seqlens_q"].tolist()
+    for b, ctx in enumerate(batch["context_lens"].tolist()):
+        a, n = cu[b], cu[b + 1] - cu[b]
+        keys, values = (batch[c][batch["block_tables"][b].long()].flatten(0, 1)[:ctx] for c in ("k_cache", "v_cache"))
+        visible = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]  # (n, ctx) causal
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            batch["q"][a : a + n].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=visible
+        ).transpose(0, 1)
+        torch.testing.assert_close(out[a : a + n], dense, atol=1e-4, rtol=1e-4)
+
+
 def test_write_then_attend_equals_dense_causal_attention():
     """End to end: a prompt written page by page, then decoded, is plain causal attention."""
     H, D, bs, T = 2, 16, 4, 11
