@@ -27,8 +27,7 @@ import torch.nn.functional as F
 
 # sched/, kernels/ and viz/ are top-level packages beside this file, run from the checkout like nanoGPT.
 # `sched` shares its name with a standard-library module: put this folder first, wherever we are imported from.
-if sys.path[0] != str(Path(__file__).resolve().parent):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernels import reference
 from sched import SCHEDULERS, FinishReason, Request, SamplingParams, SchedulerConfig, make_scheduler
@@ -111,21 +110,6 @@ class AttnMetadata:
     scatter_rows: torch.Tensor | None = None
     scatter_slots: torch.Tensor | None = None
     fresh_pages: torch.Tensor | None = None  # pages written for the first time, zeroed first (CPU)
-    # the reference backend pads every request's queries to the longest, so a step that mixes decodes
-    # with a prefill chunk attends for each kind apart: (query rows, cu_seqlens_q, context_lens,
-    # block_tables, max_q, max_ctx) per kind (ModelRunner.prepare)
-    parts: list = ()
-
-    def attention(self, q, k_cache, v_cache, scale):
-        if not self.parts:
-            return self.ops.paged_attention(
-                q, k_cache, v_cache, self.cu_seqlens_q, self.context_lens, self.block_tables, scale,
-                self.max_q, self.max_ctx,
-            )  # fmt: skip
-        out = torch.empty_like(q)
-        for rows, cu, ctx, tables, max_q, max_ctx in self.parts:
-            out[rows] = self.ops.paged_attention(q[rows], k_cache, v_cache, cu, ctx, tables, scale, max_q, max_ctx)
-        return out
 
     def write_kv(self, k_cache, v_cache, k, v):
         if self.fresh_pages is not None:  # no garbage left past the new tokens in their last page
@@ -159,7 +143,17 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(N, self.n_head, self.head_dim) for t in (q, k, v))
         k_cache, v_cache = meta.kv_caches[layer]
         meta.write_kv(k_cache, v_cache, k, v)
-        y = meta.attention(q, k_cache, v_cache, self.head_dim**-0.5)
+        y = meta.ops.paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.cu_seqlens_q,
+            meta.context_lens,
+            meta.block_tables,
+            self.head_dim**-0.5,
+            meta.max_q,
+            meta.max_ctx,
+        )
         return self.c_proj(y.reshape(N, C))
 
 
@@ -566,11 +560,10 @@ class ModelRunner:
             (alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device))
             for _ in range(cfg.n_layer)
         ]
-        self.zeroed = None if device.type == "cuda" else bytearray(num_blocks)  # pages zeroed so far (CPU)
-        if self.zeroed is not None:
-            for k_cache, v_cache in self.kv_caches:
-                k_cache[0], v_cache[0] = 0, 0
-            self.zeroed[0] = 1
+        self.zeroed = bytearray([device.type == "cuda"]) * num_blocks  # pages zeroed so far: on a GPU, all
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[0], v_cache[0] = 0, 0
+        self.zeroed[0] = 1
         self.ops = attention_backend(attention, device, cfg)
         self.generator = torch.Generator(device).manual_seed(seed)  # requests without a seed of their own
         self.request_gen = torch.Generator(device)  # re-seeded per token for requests with a seed
@@ -648,13 +641,13 @@ class ModelRunner:
             p = range(r.start, r.start + n)
             pos += p
             slots += [r.block_table[i // bs] * bs + i % bs for i in p]
-            if self.zeroed is not None:  # the pages this step writes: any not yet zeroed (see __init__)
-                for page in r.block_table[r.start // bs : -(-(r.start + n) // bs)]:
-                    if not self.zeroed[page]:
-                        self.zeroed[page] = 1
-                        fresh.append(page)
+            written = r.block_table[r.start // bs : -(-(r.start + n) // bs)]  # the pages this step writes
+            for page in written:  # a page never zeroed is zeroed by this step, before its write (see __init__)
+                if not self.zeroed[page]:
+                    self.zeroed[page] = 1
+                    fresh.append(page)
             if r.start % bs == 0 and n >= max(bs, 2):  # a chunk from a page boundary: write it page by page
-                page_writes.append((cu[-1], cu[-1] + n, r.block_table[r.start // bs : -(-(r.start + n) // bs)]))
+                page_writes.append((cu[-1], cu[-1] + n, written))
             else:
                 scatter_rows += range(cu[-1], cu[-1] + n)
             cu.append(cu[-1] + n)
@@ -691,10 +684,6 @@ class ModelRunner:
             self.kv_caches,
             self.ops,
         )
-        q_lens = [b - a for a, b in zip(cu, cu[1:])]
-        if self.ops is reference and max_q > 1 and min(q_lens) == 1:  # decodes and prefill chunks apart
-            kinds = [[i for i, n in enumerate(q_lens) if n == 1], [i for i, n in enumerate(q_lens) if n > 1]]
-            meta.parts = [self.attention_part(kind, cu, ctx, batch.requests, as_tensor) for kind in kinds]
         if fresh:
             meta.fresh_pages = as_tensor(fresh)
         if page_writes:
@@ -703,23 +692,6 @@ class ModelRunner:
                 meta.scatter_rows = as_tensor(scatter_rows)
                 meta.scatter_slots = as_tensor([slots[i] for i in scatter_rows])
         return x
-
-    @staticmethod
-    def attention_part(kind: list[int], cu, ctx, requests, as_tensor) -> tuple:
-        """The attention inputs of the requests `kind` alone (see AttnMetadata.parts).
-
-        The reference pads every request's queries to the step's longest: with 63 decodes beside one
-        512-token chunk that takes 13x the time of the two kinds apart (GPT-2 shapes, on CPU:
-        benchmarks/bench_mixed_attention.py). Triton's kernels take each request's own length."""
-        rows = [r for i in kind for r in range(cu[i], cu[i + 1])]
-        part_cu = [0]
-        for i in kind:
-            part_cu.append(part_cu[-1] + cu[i + 1] - cu[i])
-        max_pages = max(len(requests[i].block_table) for i in kind)
-        tables = [requests[i].block_table + [0] * (max_pages - len(requests[i].block_table)) for i in kind]
-        part_ctx, max_q = [ctx[i] for i in kind], max(part_cu[j + 1] - part_cu[j] for j in range(len(kind)))
-        i32 = lambda x: as_tensor(x, torch.int32)
-        return as_tensor(rows), i32(part_cu), i32(part_ctx), i32(tables), max_q, max(part_ctx)
 
     @torch.inference_mode()
     def run_stage(self, k: int, x: dict, h, step: int, marks=None):
@@ -917,12 +889,9 @@ class LLM:
         """Queue a prompt (text or token ids). A bad one is finished at once with its error; others go on."""
         params = params or SamplingParams()
         if request_id is None:  # the next number not taken by a request that was given its own id
-            request_id = str(next(self.next_request_id))
-            while request_id in self.requests:
-                request_id = str(next(self.next_request_id))
-        elif str(request_id) in self.requests:
+            request_id = next(i for i in map(str, self.next_request_id) if i not in self.requests)
+        elif (request_id := str(request_id)) in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use; give each request its own id")
-        request_id = str(request_id)
         req = Request([], params, request_id=request_id, arrival_time=arrival_s)
         self.requests[request_id] = req
         try:
@@ -1058,8 +1027,15 @@ class LLM:
     def output(self, req: Request) -> RequestOutput:
         text = self.tokenizer.decode(req.output_token_ids) if self.tokenizer else ""
         reason = req.finish_reason.value if req.finish_reason else None
-        ids, cached = req.prompt_token_ids, max(req.num_cached_tokens, 0)
-        return RequestOutput(req.request_id, ids, req.output_token_ids, text, reason, req.error, cached)
+        return RequestOutput(
+            req.request_id,
+            req.prompt_token_ids,
+            req.output_token_ids,
+            text,
+            reason,
+            req.error,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+        )
 
     def metrics(self) -> dict:
         return compute_metrics(self.recorder.events)

@@ -17,6 +17,7 @@ sits at position context_len_i - q_len_i + t and attends causally to keys 0 ..= 
 A decode is the case q_len = 1, a prefill chunk any q_len; both mix freely in one call.
 """
 
+import itertools
 import threading
 
 import torch
@@ -82,10 +83,41 @@ def gather_pages(cache, pages, name: str):
 def paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_q, max_ctx):
     """Attention of the step's new queries over each request's pages (module docstring: the layout).
 
-    Gathers every request's pages into a padded (B, max_ctx) key/value tensor and runs one masked
-    SDPA, so the reference is simple rather than fast. `max_q` and `max_ctx` are the largest q_len
-    and context_len, passed as ints so that no device value is read back on the host.
-    Returns (N, n_heads, head_dim) in q's dtype.
+    `paged_attention_padded`, except for a step that mixes decodes with prefill chunks: padding every
+    decode to the chunk's length would be most of the work (13x the time of the two kinds apart with
+    63 decodes beside a 512-token chunk, GPT-2 shapes on CPU: benchmarks/bench_mixed_attention.py), so
+    the decodes and the chunks are attended apart. Only such a step reads the query and context lengths
+    back on the host.
+    """
+    if max_q > 1:
+        q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+        if 1 in q_lens:
+            return paged_attention_by_kind(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+    return paged_attention_padded(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_q, max_ctx)
+
+
+def paged_attention_by_kind(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+    """`paged_attention_padded` for the decodes (one query each) and for the longer chunks, apart."""
+    cu, ctx = cu_seqlens_q.tolist(), context_lens.tolist()
+    q_lens = [b - a for a, b in zip(cu, cu[1:])]
+    out = torch.empty_like(q)
+    for kind in ([i for i, n in enumerate(q_lens) if n == 1], [i for i, n in enumerate(q_lens) if n > 1]):
+        rows = torch.tensor([r for i in kind for r in range(cu[i], cu[i + 1])], device=q.device)
+        lens = [q_lens[i] for i in kind]
+        kind_cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=q.device)
+        idx = torch.tensor(kind, device=q.device)
+        out[rows] = paged_attention_padded(
+            q[rows], k_cache, v_cache, kind_cu, context_lens[idx], block_tables[idx], scale,
+            max(lens), max(ctx[i] for i in kind),
+        )  # fmt: skip
+    return out
+
+
+def paged_attention_padded(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_q, max_ctx):
+    """Gathers every request's pages into a padded (B, max_ctx) key/value tensor, its queries into a
+    padded (B, max_q) one, and runs one masked SDPA, so the reference is simple rather than fast.
+    `max_q` and `max_ctx` are the largest q_len and context_len, passed as ints so that no device value
+    is read back on the host. Returns (N, n_heads, head_dim) in q's dtype.
 
     Every slot of the pages in `block_tables` must hold a finite number, written or not: torch.empty's
     garbage may be NaN, so zero a cache before use (nanoserve's runner zeroes each page when it is

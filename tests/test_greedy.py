@@ -1,13 +1,13 @@
 """The correctness oracle: with greedy sampling in fp32, every scheduler generates exactly the tokens of
 transformers' greedy `generate`, whatever the batching, paging, chunking, preemption or prefix caching."""
 
-import dataclasses
 import random
 
 import pytest
 import torch
 
 import nanoserve as ns
+from kernels import reference
 from sched import SCHEDULERS, SamplingParams
 from viz.trace import Pages, Preempted, Span, StepScheduled
 
@@ -113,19 +113,21 @@ def test_stop_token_ids(tiny_gpt2):
 
 
 def test_steps_mixing_decodes_and_chunks_attend_to_each_kind_apart(tiny_gpt2, monkeypatch):
-    """The reference backend gets a mixed step in two parts; each such step equals the padded call."""
+    """The reference attends to a mixed step's decodes and chunks apart; each such call equals the padded one."""
     split_steps = []
-    attention = ns.AttnMetadata.attention
+    by_kind = reference.paged_attention_by_kind
 
-    def checked(meta, q, k_cache, v_cache, scale):
-        out = attention(meta, q, k_cache, v_cache, scale)
-        if meta.parts:
-            split_steps.append(len(meta.parts))
-            padded = attention(dataclasses.replace(meta, parts=()), q, k_cache, v_cache, scale)
-            torch.testing.assert_close(out, padded)
+    def checked(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+        out = by_kind(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+        q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+        split_steps.append(len({n == 1 for n in q_lens}))  # the kinds present: 2
+        padded = reference.paged_attention_padded(
+            q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max(q_lens), int(context_lens.max())
+        )
+        torch.testing.assert_close(out, padded)
         return out
 
-    monkeypatch.setattr(ns.AttnMetadata, "attention", checked)
+    monkeypatch.setattr(reference, "paged_attention_by_kind", checked)
     run(tiny_gpt2, "sync", max_num_batched_tokens=24, block_size=4)
     assert len(split_steps) >= 5 and set(split_steps) == {2}
 
