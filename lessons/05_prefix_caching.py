@@ -37,7 +37,7 @@ import nanoserve as ns
 from sched import SamplingParams
 from sched.blocks import BlockManager
 from viz.replay import Replay
-from viz.trace import Pages, StepScheduled
+from viz.trace import StepScheduled
 
 torch.set_num_threads(1)
 
@@ -102,7 +102,9 @@ print(len(tok.encode(passage)), "tokens in the passage;", [len(tok.encode(p)) fo
 params = SamplingParams(temperature=0, max_tokens=16)
 
 # %% [markdown]
-# First one request alone, then, once it has finished, the second:
+# First one request alone, then, once it has finished, the second. Each output says how many of its
+# prompt tokens the prefix cache served (`num_cached_tokens`, as in vLLM); the step log says how many
+# the engine computed:
 
 
 # %%
@@ -117,19 +119,13 @@ def prefill_tokens(llm, request_id):
     )
 
 
-def cached_tokens(llm, request_id):
-    """Prompt tokens served from the prefix cache: the pages the request started with, shared."""
-    shared = [e for e in llm.recorder.events if isinstance(e, Pages) and e.kind == "shared"]
-    return sum(len(e.pages) for e in shared if e.request_id == request_id) * llm.scheduler.config.block_size
-
-
 llm = ns.LLM(block_size=8, num_gpu_blocks_override=64, device="cpu")
 first = llm.generate([prompts[0]], params, use_tqdm=False)[0]
 second = llm.generate([prompts[1]], params, use_tqdm=False)[0]
 for out in (first, second):
     rid = out.request_id
     print(
-        f"request {rid}: {len(out.prompt_token_ids)} prompt tokens, {cached_tokens(llm, rid)} from the cache, "
+        f"request {rid}: {len(out.prompt_token_ids)} prompt tokens, {out.num_cached_tokens} from the cache, "
         f"{prefill_tokens(llm, rid)} computed"
     )
 
@@ -150,7 +146,7 @@ outputs = together.generate(prompts, params, use_tqdm=False)
 for out, speaker in zip(outputs, speakers):
     rid = out.request_id
     print(
-        f"request {rid} ({speaker.strip()}): {cached_tokens(together, rid)} tokens from the cache, "
+        f"request {rid} ({speaker.strip()}): {out.num_cached_tokens} tokens from the cache, "
         f"{prefill_tokens(together, rid)} computed"
     )
 
@@ -187,9 +183,9 @@ print("the same tokens with and without the prefix cache:", same)
 # ## Checks
 
 # %%
-assert cached_tokens(llm, first.request_id) == 0
-assert cached_tokens(llm, second.request_id) > 0, "the second request must hit the cached passage"
-assert prefill_tokens(llm, second.request_id) == len(second.prompt_token_ids) - cached_tokens(llm, second.request_id)
+assert first.num_cached_tokens == 0
+assert second.num_cached_tokens > 0, "the second request must hit the cached passage"
+assert prefill_tokens(llm, second.request_id) == len(second.prompt_token_ids) - second.num_cached_tokens
 assert second.output_token_ids == uncached_outputs[1].output_token_ids, "a cache hit must not change the output"
 assert [o.output_token_ids for o in outputs] == [o.output_token_ids for o in uncached_outputs]
 assert sum(computed) < sum(computed_without) / 2

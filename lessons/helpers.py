@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from viz.colors import PALETTE
+from viz.colors import request_color
 from viz.state import Cell, RunState
 
 FIGURES = Path(tempfile.gettempdir()) / "nanoserve-lessons"  # where a plain script's figures go
@@ -56,10 +56,6 @@ def show_svg(svg: str, name: str):
     path = FIGURES / f"{name}.svg"
     path.write_text(svg)
     print(f"[image saved to {path}: open it in a browser]")
-
-
-def request_color(index: int) -> str:
-    return PALETTE[index % len(PALETTE)]
 
 
 # --- drawings of a run ------------------------------------------------------------------------
