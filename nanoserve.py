@@ -10,15 +10,22 @@ The scheduling policies live in sched/, the attention kernels in kernels/, the t
 
 import argparse
 import bisect
+import contextlib
 import itertools
 import json
+import math
 import os
+import queue
 import random
+import re
+import signal
 import sys
+import threading
 import time
+import weakref
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import reference
 from sched import SCHEDULERS, FinishReason, Request, SamplingParams, SchedulerConfig, make_scheduler
 from sched.base import PLACEHOLDER
-from sched.request import Status
+from sched.request import MAX_SEED, Status, as_float, parse_prompt
 from viz.trace import RequestArrived, RequestFinished, RunInfo, Span, compute_metrics
 
 ROOT = Path(__file__).resolve().parent
@@ -57,15 +64,31 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     @classmethod
-    def from_hf(cls, d: dict):
-        """Read a Hugging Face GPT-2 `config.json` dict (unknown keys are ignored)."""
+    def from_hf(cls, d: dict, source="config.json"):
+        """Read a Hugging Face GPT-2 `config.json` dict (unknown keys are ignored); a bad value raises
+        ValueError naming `source` and the key."""
         act = d.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"activation_function {act!r} is not GPT-2's tanh GELU; nanoserve runs GPT-2 models")
-        names = [f.name for f in fields(cls)]
-        cfg = cls(**{k: d[k] for k in names if k in d})
+            raise ValueError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU; nanoserve runs GPT-2")
+        kw = {}
+        for f in fields(cls):
+            v = d.get(f.name)
+            if f.name not in d:
+                continue
+            if f.name == "eos_token_id" and v is None:  # a model that never stops by itself
+                kw[f.name] = None
+                continue
+            is_float = f.name == "layer_norm_epsilon"
+            if isinstance(v, bool) or not isinstance(v, (int, float) if is_float else int):
+                kind = "a number" if is_float else "an integer"
+                raise ValueError(f"{source}: {f.name} must be {kind}, got {type(v).__name__} {v!r}")
+            kw[f.name] = v
+        cfg = cls(**kw)
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"{source}: {name} must be at least 1, got {getattr(cfg, name)}")
         if cfg.n_embd % cfg.n_head:
-            raise ValueError(f"n_embd={cfg.n_embd} is not a multiple of n_head={cfg.n_head}")
+            raise ValueError(f"{source}: n_embd={cfg.n_embd} is not a multiple of n_head={cfg.n_head}")
         return cfg
 
     def to_hf(self):
@@ -267,21 +290,31 @@ class Tokenizer:
 
     def __init__(self, tok):
         self.tok = tok
+        # no token decodes to more characters than its vocabulary entry has: a bound that lets a prompt far
+        # too long for the context be refused before it is tokenized (tokenizing 50 MB takes half a minute)
+        self.max_token_chars = max(map(len, tok.get_vocab(with_added_tokens=True)), default=1) or 1
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
 
     @classmethod
     def from_folder(cls, folder: Path):
+        """The tokenizer in a model folder, or None if it has no tokenizer files; ValueError if they are broken."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers
 
         folder = Path(folder)
-        if (folder / "tokenizer.json").exists():
-            return cls(HFTokenizer.from_file(str(folder / "tokenizer.json")))
-        for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):  # HF / OpenAI names
-            if (folder / vocab).exists() and (folder / merges).exists():
-                tok = HFTokenizer(models.BPE.from_file(str(folder / vocab), str(folder / merges)))
-                tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-                tok.decoder = decoders.ByteLevel()
-                return cls(tok)
+        try:
+            if (folder / "tokenizer.json").exists():
+                return cls(HFTokenizer.from_file(str(folder / "tokenizer.json")))
+            for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):  # HF / OpenAI names
+                if (folder / vocab).exists() and (folder / merges).exists():
+                    tok = HFTokenizer(models.BPE.from_file(str(folder / vocab), str(folder / merges)))
+                    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                    tok.decoder = decoders.ByteLevel()
+                    return cls(tok)
+        except Exception as e:  # tokenizers raises its own exception types, with messages of its own
+            raise ValueError(
+                f"{folder}: the tokenizer files could not be read ({e}); replace them with the model's own"
+            ) from None
         return None
 
     def encode(self, text: str) -> list[int]:
@@ -345,14 +378,28 @@ def load_model(model: str | None = None, load_format: str = "auto", dtype=torch.
                 f"{folder} has no config.json; a model folder needs config.json and model.safetensors "
                 f"(or use --load-format dummy with one of: {known})"
             )
-        cfg = GPTConfig.from_hf(json.loads((folder / "config.json").read_text()))
+        cfg = GPTConfig.from_hf(read_json(folder / "config.json"), folder / "config.json")
         tok = Tokenizer.from_folder(folder)
+        if tok is not None and tok.vocab_size > cfg.vocab_size:
+            print(
+                f"warning: {folder}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary "
+                f"{cfg.vocab_size}; they are not made for each other, and a text prompt that becomes an id "
+                "the model lacks fails",
+                file=sys.stderr,
+            )
     with torch.device(device):
         gpt = GPT(cfg)  # dummy weights: GPT-2's initialisation
     if load_format != "dummy":
         gpt.load_state_dict(read_weights(folder, gpt), strict=True)
     gpt.folder = None if load_format == "dummy" and model in GPT2_FAMILY else folder  # where it came from
     return gpt.to(dtype).eval(), cfg, tok, name
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} could not be read as JSON ({e}); download or save it again") from None
 
 
 def read_weights(folder: Path, gpt: GPT) -> dict:
@@ -500,6 +547,40 @@ class DecodeGraphs:
         return self.logits[b][:n]
 
 
+class Worker:
+    """A daemon thread that runs the calls given to it one after another; `submit` returns a Future whose
+    .result() re-raises the call's error. A daemon, unlike ThreadPoolExecutor's threads, so that a step that
+    hangs forever (the engine's watchdog gave up on it) cannot keep the process from exiting; a thread that
+    is not stuck is stopped and joined when its Worker goes, or at exit."""
+
+    def __init__(self, name: str):
+        self.calls = queue.SimpleQueue()
+        thread = threading.Thread(target=Worker._loop, args=(self.calls,), name=name, daemon=True)
+        thread.start()
+        weakref.finalize(self, Worker._stop, self.calls, thread)
+
+    @staticmethod
+    def _stop(calls, thread):
+        calls.put(None)
+        if thread is not threading.current_thread():
+            thread.join(timeout=1.0)  # a stuck step is left behind
+
+    def submit(self, fn, *args) -> Future:
+        fut = Future()
+        self.calls.put((fut, fn, args))
+        return fut
+
+    @staticmethod
+    def _loop(calls):
+        while (call := calls.get()) is not None:
+            fut, fn, args = call
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+                fut.set_exception(e)
+            del call, fut, fn, args
+
+
 class CUDAHandle:
     """A step launched on the GPU. Its sampled ids are copied into pinned memory behind the kernels;
     .result() waits for that copy, then records the step's device spans from its CUDA events.
@@ -509,7 +590,13 @@ class CUDAHandle:
         self.runner, self.step, self.ids_cpu, self.done, self.marks = runner, step, ids_cpu, done, marks
         self.inputs = inputs
 
-    def result(self):
+    def result(self, timeout=None):
+        if timeout is not None:  # CUDA events have no timed wait: poll
+            deadline = time.perf_counter() + timeout
+            while not self.done.query():
+                if time.perf_counter() > deadline:
+                    raise TimeoutError(f"step {self.step} is still running on the GPU after {timeout:g} s")
+                time.sleep(1e-4)
         self.done.synchronize()
         self.inputs = None
         for a, b, lane, name in self.marks:
@@ -569,9 +656,7 @@ class ModelRunner:
         self.request_gen = torch.Generator(device)  # re-seeded per token for requests with a seed
         # on CPU each pipeline stage (just one without --pp) is a thread; on CUDA a stream orders the work,
         # with --pp a stream per stage, so that the stages of different microbatches overlap on the GPU
-        self.pools = (
-            [ThreadPoolExecutor(1, thread_name_prefix=lane) for lane in self.lanes] if device.type == "cpu" else None
-        )
+        self.pools = [Worker(lane) for lane in self.lanes] if device.type == "cpu" else None
         self.streams = [torch.cuda.Stream(device) for _ in range(pp)] if device.type == "cuda" and pp > 1 else None
         self.prev_rows = {}  # request id -> its row in the previous step's sampled ids (for placeholders)
         self.prev_sampled = None  # that step's sampled ids, still on the device
@@ -582,6 +667,10 @@ class ModelRunner:
             self.anchor_t = recorder.now()
 
         self.graphs = DecodeGraphs(self, max_num_seqs, max_model_len) if cuda_graphs and pp == 1 else None
+
+    def reset(self):
+        """Forget the previous step's sampled ids: after a failed step nothing may take a placeholder from it."""
+        self.prev_rows, self.prev_sampled = {}, None
 
     def event_time(self, event) -> float:
         return self.anchor_t + self.anchor.elapsed_time(event) / 1e3
@@ -775,6 +864,107 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
+@dataclass
+class EngineConfig:
+    """Every setting of an engine, declared once (as nano-vllm's Config, vLLM's EngineArgs): `LLM(**kwargs)`
+    takes these names, the command line the same with dashes, and `--output-json` writes them as resolved
+    when the engine was built. Checked when made: a bad value raises ValueError naming the setting.
+
+    >>> EngineConfig(block_size=0)
+    Traceback (most recent call last):
+    ValueError: block_size=0 (--block-size) must be at least 1
+    """
+
+    model: str | None = None  # a Hugging Face folder or hub id; None: the embedded models/shakespeare
+    sched: str = "sync"
+    load_format: str = "auto"  # "dummy": random weights of the model's shape
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on a GPU
+    device: str | None = None  # cpu, cuda, cuda:N; None: cuda if there is one
+    attention: str = "auto"  # --attention-backend: auto, reference, triton
+    enforce_eager: bool = False  # no CUDA graphs
+    cuda_graphs: bool | None = None  # None: on CUDA unless enforce_eager (True off CUDA runs their buffers eagerly)
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's context
+    num_gpu_blocks_override: int | None = None  # None: as many KV pages as fit
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    pp: int = 1
+    step_timeout_s: float | None = None  # a step running longer fails the run (a watchdog); None: wait forever
+
+    def __post_init__(self):
+        flag = lambda name: f"{name}={getattr(self, name)!r} (--{FLAGS.get(name, name.replace('_', '-'))})"
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "pp"):
+            setattr(self, name, self._int(name, flag, lo=1))
+        for name in ("max_model_len", "num_gpu_blocks_override"):
+            if getattr(self, name) is not None:
+                setattr(self, name, self._int(name, flag, lo=2 if name == "max_model_len" else 1))
+        self.seed = self._int("seed", flag, lo=0)
+        if self.seed >= MAX_SEED:
+            raise ValueError(f"{flag('seed')} is outside [0, 2**64); pick a smaller seed")
+        if self.sched not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.sched!r}; choose one of: {', '.join(SCHEDULERS)}")
+        for name, choices in (("load_format", LOAD_FORMATS), ("dtype", DTYPES), ("attention", ATTENTION)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{flag(name)} is not one of: {', '.join(choices)}")
+        for name in ("enforce_eager", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{flag(name)} must be True or False")
+        self.gpu_memory_utilization = as_float(self.gpu_memory_utilization, "gpu_memory_utilization")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"{flag('gpu_memory_utilization')} must be in (0, 1]")
+        if self.step_timeout_s is not None:
+            self.step_timeout_s = as_float(self.step_timeout_s, "step_timeout_s")
+            if self.step_timeout_s <= 0:
+                raise ValueError(f"{flag('step_timeout_s')} must be positive, or None to wait forever")
+        if self.device is not None and not DEVICE_NAME.fullmatch(str(self.device)):
+            raise ValueError(f"{flag('device')} is not a device; use cpu, cuda or cuda:N")
+        if self.pp > 1 and SCHEDULERS[self.sched].allow_placeholders:
+            raise ValueError(
+                f"--sched {self.sched} plans on tokens still in flight, which --pp {self.pp} microbatches do not "
+                "allow; use --sched sync or balanced with --pp"
+            )
+
+    def _int(self, name, flag, lo):
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) and not hasattr(value, "__index__"):
+            raise ValueError(f"{flag(name)} must be an integer")
+        if int(value) < lo:
+            raise ValueError(f"{flag(name)} must be at least {lo}")
+        return int(value)
+
+
+FLAGS = {"attention": "attention-backend"}  # the settings whose flag is not their name with dashes
+LOAD_FORMATS = ("auto", "dummy")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+ATTENTION = ("auto", "reference", "triton")
+DEVICE_NAME = re.compile(r"cpu|cuda(:\d+)?")
+MAX_ARRIVAL_S = 24 * 3600.0  # a request may be scheduled to arrive at most a day after the run starts
+
+
+def as_arrival(x) -> float:
+    """When a request arrives, in seconds after the run starts: a finite number from now to a day ahead."""
+    t = as_float(x, "arrival_s")
+    if not 0 <= t <= MAX_ARRIVAL_S:
+        raise ValueError(f"arrival_s={t:g} must be between 0 and {MAX_ARRIVAL_S:g} s (a day)")
+    return t
+
+
+class EngineDead(RuntimeError):
+    """The engine cannot go on (a step hung past `step_timeout_s`): make a new LLM."""
+
+
+class StepFailed(Exception):
+    """A step's error, with the batch it happened in (None: in the scheduler, before there was one)."""
+
+    def __init__(self, batch, error: BaseException):
+        where = f"step {batch.step} failed" if batch else "the scheduler failed (a bug: please report it)"
+        super().__init__(f"{where}: {type(error).__name__}: {error}")
+        self.batch = batch
+
+
 class LLM:
     """The serving engine: a model runner, a scheduler and the loop that drives both.
 
@@ -782,143 +972,157 @@ class LLM:
     >>> out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     >>> len(out[0].output_token_ids), out[0].finish_reason
     (4, 'length')
+
+    Any number of threads may add requests and call generate() or stream() on one LLM at once: requests
+    enter through a queue that each step takes in, one thread at a time steps the engine for all of them,
+    and each caller gets its own requests' outputs. A step that fails finishes the requests it held with
+    the error and frees their pages; the engine goes on with the others.
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        sched="sync",
-        load_format="auto",
-        dtype="auto",
-        device=None,
-        block_size=16,
-        max_num_seqs=256,
-        max_num_batched_tokens=2048,
-        max_model_len=None,
-        num_gpu_blocks_override=None,
-        gpu_memory_utilization=0.9,
-        enable_prefix_caching=True,
-        seed=0,
-        pp=1,
-        attention="auto",
-        enforce_eager=False,
-        cuda_graphs=None,
-    ):
+    def __init__(self, model: str | None = None, **kwargs):
         from viz.trace import Recorder
 
-        if sched not in SCHEDULERS:  # fail before loading anything
-            make_scheduler(sched, None)
-        if pp > 1 and SCHEDULERS[sched].allow_placeholders:
-            raise ValueError(
-                f"--sched {sched} plans on tokens still in flight, which --pp {pp} microbatches do not "
-                "allow; use --sched sync or balanced with --pp"
-            )
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = resolve_dtype(dtype, self.device)
+        cfg = EngineConfig(model, **kwargs)  # fails before anything is loaded
+        self.device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, self.device)
         self.model, self.model_config, self.tokenizer, self.model_name = load_model(
-            model, load_format, dtype, self.device
+            cfg.model, cfg.load_format, dtype, self.device
         )
-        cfg = self.model_config
-        if max_model_len is not None and not 1 < max_model_len <= cfg.n_positions:
-            raise ValueError(
-                f"--max-model-len {max_model_len} must be between 2 and the model's context, {cfg.n_positions}"
-            )
-        self.max_model_len = max_model_len or cfg.n_positions
-        num_blocks = num_gpu_blocks_override or choose_num_blocks(
-            cfg, block_size, dtype, self.device, max_num_seqs, self.max_model_len, gpu_memory_utilization
+        mc = self.model_config
+        if cfg.max_model_len is not None and cfg.max_model_len > mc.n_positions:
+            raise ValueError(f"--max-model-len {cfg.max_model_len} is more than the model's context, {mc.n_positions}")
+        self.max_model_len = cfg.max_model_len or mc.n_positions
+        self.num_blocks = cfg.num_gpu_blocks_override or choose_num_blocks(
+            mc, cfg.block_size, dtype, self.device, cfg.max_num_seqs, self.max_model_len, cfg.gpu_memory_utilization
         )
         self.recorder = Recorder()
-        self.config = dict(
-            model=self.model_name,
-            sched=sched,
-            load_format=load_format,
-            dtype=str(dtype).split(".")[-1],
-            device=str(self.device),
-            block_size=block_size,
-            num_blocks=num_blocks,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            enable_prefix_caching=enable_prefix_caching,
-            seed=seed,
-            pp=pp,
-            torch_threads=torch.get_num_threads(),
-        )
-        self.recorder.emit(RunInfo(0.0, num_blocks, block_size, self.config))
         self.scheduler = make_scheduler(
-            sched,
+            cfg.sched,
             SchedulerConfig(
-                num_blocks=num_blocks,
-                block_size=block_size,
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
+                num_blocks=self.num_blocks,
+                block_size=cfg.block_size,
+                max_num_seqs=cfg.max_num_seqs,
+                max_num_batched_tokens=cfg.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
-                eos_token_id=cfg.eos_token_id,
-                enable_prefix_caching=enable_prefix_caching,
+                eos_token_id=mc.eos_token_id,
+                enable_prefix_caching=cfg.enable_prefix_caching,
             ),
             self.recorder,
-            pp,
+            cfg.pp,
         )
+        graphs = (self.device.type == "cuda" and not cfg.enforce_eager) if cfg.cuda_graphs is None else cfg.cuda_graphs
         self.runner = ModelRunner(
             self.model,
-            cfg,
-            num_blocks=num_blocks,
-            block_size=block_size,
+            mc,
+            num_blocks=self.num_blocks,
+            block_size=cfg.block_size,
             device=self.device,
             recorder=self.recorder,
-            seed=seed,
-            pp=pp,
-            attention=attention,
-            cuda_graphs=(self.device.type == "cuda" and not enforce_eager) if cuda_graphs is None else cuda_graphs,
-            max_num_seqs=max_num_seqs,
+            seed=cfg.seed,
+            pp=cfg.pp,
+            attention=cfg.attention,
+            cuda_graphs=graphs,
+            max_num_seqs=cfg.max_num_seqs,
             max_model_len=self.max_model_len,
         )
-        self.config.update(
-            attention=self.runner.ops.__name__.split(".")[-1], cuda_graphs=self.runner.graphs is not None
+        # what actually runs: the settings resolved
+        self.config = replace(
+            cfg,
+            model=self.model_name,
+            dtype=str(dtype).split(".")[-1],
+            device=str(self.device),
+            attention="reference" if self.runner.ops is reference else "triton",
+            cuda_graphs=self.runner.graphs is not None,
+            max_model_len=self.max_model_len,
         )
-        self.pending: list[Request] = []  # added, not yet arrived (--request-rate)
-        self.requests: dict[str, Request] = {}
+        self.recorder.emit(RunInfo(0.0, self.num_blocks, cfg.block_size, self.describe()))
+        self.pending: list[Request] = []  # added, not yet arrived (arrival_s in the future)
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.next_request_id = itertools.count()  # ids "0", "1", ... per engine, as in vLLM
+        self.inflight: deque = deque()  # (batch, handle): handed to the device, oldest first
+        self.inbox = queue.SimpleQueue()  # ("add", request) / ("abort", id) from any thread, for the next step
+        self.lock = threading.RLock()  # held by the thread stepping the engine
+        self.ids_lock = threading.Lock()  # request ids are handed out by one thread at a time
+        self.progress = threading.Condition()  # notified after every step: callers waiting on their requests
+        self.wake = threading.Event()  # set when something arrives in the inbox: an idle step stops waiting
+        self.t_start = 0.0  # when the current run began (arrival_s counts from there)
+        self.stalled = 0  # steps in a row that could do nothing although requests are queued
+        self.dead: str | None = None  # why the engine cannot go on, once a step has hung
 
-    # --- requests -------------------------------------------------------------------------
+    def describe(self) -> dict:
+        """The resolved settings as a dict: --output-json's "config" and the trace's RunInfo."""
+        return {**asdict(self.config), "num_blocks": self.num_blocks, "torch_threads": torch.get_num_threads()}
+
+    # --- requests in: any thread ----------------------------------------------------------------
 
     def add_request(
         self, prompt, params: SamplingParams | None = None, arrival_s: float = 0.0, request_id: str | None = None
     ) -> Request:
-        """Queue a prompt (text or token ids). A bad one is finished at once with its error; others go on."""
-        params = params or SamplingParams()
-        if request_id is None:  # the next number not taken by a request that was given its own id
-            request_id = next(i for i in map(str, self.next_request_id) if i not in self.requests)
-        elif (request_id := str(request_id)) in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use; give each request its own id")
-        req = Request([], params, request_id=request_id, arrival_time=arrival_s)
-        self.requests[request_id] = req
+        """Queue a prompt: text, token ids, or {"prompt": ...} / {"prompt_token_ids": [...]}. Safe from any thread.
+
+        A bad one (its prompt or its parameters) is finished at once with its error; the others go on.
+        """
+        if self.dead:
+            raise EngineDead(self.dead)
+        req = self._new_request(request_id)
         try:
+            if params is None:
+                params = SamplingParams()
+            elif not isinstance(params, SamplingParams):
+                raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+            params.validate()
+            req.params = params
+            req.arrival_time = as_arrival(arrival_s)
             req.prompt_token_ids = self.tokenize(prompt)
             req.token_ids = list(req.prompt_token_ids)
-            params.validate()
             self.check_prompt(req.prompt_token_ids)
-            bisect.insort(self.pending, req, key=lambda r: r.arrival_time)  # also while run() is going
         except ValueError as e:
             self.fail(req, str(e))
+            return req
+        req.t_added = self.recorder.now()
+        self.inbox.put(("add", req))
+        self.wake.set()
+        return req
+
+    def _new_request(self, request_id=None) -> Request:
+        with self.ids_lock:
+            if request_id is None:  # the next number not taken by a request that was given its own id
+                request_id = next(i for i in map(str, self.next_request_id) if i not in self.requests)
+            elif (request_id := str(request_id)) in self.requests:
+                raise ValueError(f"request id {request_id!r} is already in use; give each request its own id")
+            req = self.requests[request_id] = Request([], request_id=request_id)
+            return req
+
+    def reject(self, error: str) -> Request:
+        """A request that failed before it had a prompt (a malformed line of a prompts file), with its own id."""
+        req = self._new_request()
+        self.fail(req, error)
         return req
 
     def tokenize(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
+        text, ids = parse_prompt(prompt)
+        vocab = self.model_config.vocab_size
+        if text is not None:
             if self.tokenizer is None:
                 raise ValueError(
                     f"model {self.model_name} has no tokenizer files; pass prompt_token_ids instead "
                     "of text, or add tokenizer.json to the model folder"
                 )
-            return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise ValueError(
-                f"prompt token {bad[0]!r} is not an id in [0, {self.model_config.vocab_size}) of "
-                f"this model's vocabulary"
-            )
+            at_least = len(text) // self.tokenizer.max_token_chars  # no token is longer than that
+            if at_least >= self.max_model_len:
+                raise ValueError(
+                    f"prompt has {len(text)} characters, so at least {at_least} tokens, but the model's context is "
+                    f"{self.max_model_len} (--max-model-len); shorten it"
+                )
+            ids = self.tokenizer.encode(text)
+            if bad := [t for t in ids if t >= vocab]:
+                raise ValueError(
+                    f"the tokenizer turned the prompt into token {bad[0]}, outside the model's vocabulary of {vocab}: "
+                    "the tokenizer and the model do not match; use the model's own tokenizer files"
+                )
+            return ids
+        if bad := [t for t in ids if t >= vocab]:
+            raise ValueError(f"prompt token {bad[0]!r} is not an id in [0, {vocab}) of this model's vocabulary")
         return ids
 
     def check_prompt(self, ids: list[int]):
@@ -930,99 +1134,259 @@ class LLM:
                 "(--max-model-len) and one more is needed to generate; shorten it or raise the limit"
             )
         need = self.scheduler.blocks.pages_needed(len(ids) + 1)
-        if need > self.scheduler.config.num_blocks:
+        if need > self.num_blocks:
             raise ValueError(
                 f"prompt has {len(ids)} tokens and needs {need} KV pages, but the cache has "
-                f"{self.scheduler.config.num_blocks}; raise --num-gpu-blocks-override or shorten it"
+                f"{self.num_blocks}; raise --num-gpu-blocks-override or shorten it"
             )
 
     def fail(self, req: Request, error: str):
+        """Finish a request that never reached the scheduler, with its error."""
         req.status, req.finish_reason, req.error = Status.FINISHED, FinishReason.ERROR, error
+        self.requests.pop(req.request_id, None)
         rec = self.recorder
         rec.emit(RequestFinished(rec.now(), req.request_id, "error", req.num_prompt_tokens, 0, error))
 
     def abort(self, request_id: str):
-        """Stop a request now, whether waiting, running or not yet arrived; its pages are freed."""
-        req = self.requests.get(request_id)
-        if req in self.pending:
-            self.pending.remove(req)
-            req.status, req.finish_reason = Status.FINISHED, FinishReason.ABORT
-        else:
-            self.scheduler.abort(request_id)
+        """Stop a request, whether waiting, running or not yet arrived; its pages are freed by the next step.
+        Safe from any thread (and from a signal handler)."""
+        self.inbox.put(("abort", str(request_id)))
+        self.wake.set()
 
-    # --- the loop ---------------------------------------------------------------------------
+    # --- the loop: one thread at a time ------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return bool(self.pending or self.scheduler.has_work() or self.inflight or not self.inbox.empty())
 
     def run(self):
-        """The engine loop (DESIGN.md), shared by every scheduler; yields the requests that got a token each step.
+        """The engine loop (docs/ARCHITECTURE.md), shared by every scheduler: yields, after each step's update,
+        the requests that got a token. Ends when every request is finished.
 
         Up to `scheduler.depth` batches are in flight: with depth 1 it is schedule -> execute -> update;
-        with more, the scheduler plans the next step while the device runs the current one.
+        with more, the scheduler plans the next step while the device runs the current one. Leaving the loop
+        early is safe: the batches in flight stay with the engine, and the next run takes them up.
         """
-        sched, runner, rec = self.scheduler, self.runner, self.recorder
-        inflight = deque()
-        t_start = rec.now()
-        stalled = 0
-        while self.pending or sched.has_work() or inflight:
-            self._admit(t_start)
-            if len(inflight) < sched.depth:
-                t = rec.now()
-                if batch := sched.schedule():
-                    rec.emit(Span(t, rec.now(), "cpu", "schedule", batch.step))
-                    inflight.append((batch, runner.submit(batch)))  # returns at once
-                    stalled = 0
-                    continue  # try to get further ahead
-            if inflight:
-                batch, handle = inflight.popleft()
-                try:
-                    sampled = handle.result()  # waits for the device
-                except Exception as e:  # the device thread's error, surfaced here: never a hang
-                    raise RuntimeError(f"step {batch.step} failed on the device: {e!r}") from e
-                t = rec.now()
-                got = sched.update(batch, sampled)
-                rec.emit(Span(t, rec.now(), "cpu", "update", batch.step))
+        while self.has_unfinished():
+            got = self.step()
+            if got is not None:
                 yield got
-            elif self.pending and not sched.has_work():
-                time.sleep(max(0.0, t_start + self.pending[0].arrival_time - rec.now()))
-            elif not self.pending:
-                stalled += 1  # a preemption may need one more schedule() to make progress; two is a bug
-                if stalled > 2:
-                    raise RuntimeError(
-                        f"scheduler made no progress with {len(sched.running)} running and "
-                        f"{len(sched.waiting)} waiting requests; this is a bug, please report it"
-                    )
 
-    def _admit(self, t_start):
+    def step(self, launch: bool = True) -> list[Request] | None:
+        """One turn of the loop: launch the next batch, or wait for the oldest one and apply its tokens.
+        Returns the requests that got a token, or None when this turn only launched a batch or waited.
+        With launch=False nothing new is launched: a turn only drains what is in flight.
+
+        A failure in scheduling, launching, the forward, sampling or the update fails the requests of every
+        batch in flight (their pages are freed, and unnamed for the prefix cache), and the engine goes on.
+        """
+        with self.lock:
+            if self.dead:
+                raise EngineDead(self.dead)
+            self.wake.clear()
+            try:
+                return self._step(launch)
+            except StepFailed as e:  # the requests in flight fail; the engine goes on
+                self._fail_inflight([e.batch] if e.batch else [], str(e))
+                if e.batch is None:  # the scheduler itself failed: it may be half-way through a change
+                    self.scheduler.fail_all(str(e))
+                if not isinstance(e.__cause__, Exception):
+                    raise e.__cause__ from None  # Ctrl-C (KeyboardInterrupt) mid-step: the engine is sound, stop
+                return []
+            finally:
+                self._forget_finished()
+                with self.progress:
+                    self.progress.notify_all()
+
+    def _step(self, launch: bool) -> list[Request] | None:
+        sched, rec = self.scheduler, self.recorder
+        self._take_inbox()
+        self._admit()
+        if launch and len(self.inflight) < sched.depth:
+            t = rec.now()
+            try:
+                batch = sched.schedule()
+            except BaseException as e:
+                raise StepFailed(None, e) from e
+            if batch:
+                rec.emit(Span(t, rec.now(), "cpu", "schedule", batch.step))
+                try:
+                    handle = self.runner.submit(batch)  # returns at once
+                except BaseException as e:
+                    raise StepFailed(batch, e) from e
+                self.inflight.append((batch, handle))
+                self.stalled = 0
+                return None
+        if self.inflight:
+            return self._update_oldest()
+        if sched.has_work():  # nothing could be scheduled and nothing is running
+            self.stalled += 1  # a preemption may need one more schedule() to make progress; three is a bug
+            if self.stalled > 2:
+                self.stalled = 0
+                stuck = RuntimeError(f"no progress with {len(sched.running)} running, {len(sched.waiting)} waiting")
+                raise StepFailed(None, stuck)
+        elif self.pending:  # only requests that arrive later: sleep until the next one, or until woken
+            self.wake.wait(min(0.1, self.t_start + self.pending[0].arrival_time - rec.now()))
+        return None
+
+    def _update_oldest(self) -> list[Request]:
+        batch, handle = self.inflight[0]
+        try:
+            sampled = handle.result(timeout=self.config.step_timeout_s)  # waits for the device
+        except TimeoutError:
+            self._die(
+                f"step {batch.step} did not finish within step_timeout_s={self.config.step_timeout_s:g} s: the "
+                "device is stuck; this engine cannot go on, make a new one (or raise --step-timeout-s)"
+            )
+        except Exception as e:  # the device's error, surfaced here: never a hang
+            self.inflight.popleft()
+            raise StepFailed(batch, e) from e
+        self.inflight.popleft()
+        t = self.recorder.now()
+        try:
+            got = self.scheduler.update(batch, sampled)
+        except BaseException as e:
+            raise StepFailed(batch, e) from e
+        self.recorder.emit(Span(t, self.recorder.now(), "cpu", "update", batch.step))
+        return got
+
+    def _fail_inflight(self, failed: list, error: str):
+        """Drain the device (no step may still be writing pages), then fail every request in flight."""
+        for _, handle in self.inflight:
+            with contextlib.suppress(Exception):
+                handle.result(timeout=self.config.step_timeout_s)
+        batches = failed + [b for b, _ in self.inflight]
+        self.inflight.clear()
+        self.runner.reset()
+        self.scheduler.fail(batches, error)
+
+    def _die(self, error: str):
+        """A step hung: fail everything, refuse all further work, and say why."""
+        self.dead = error
+        self.scheduler.fail([b for b, _ in self.inflight], error)
+        self.inflight.clear()
+        self.scheduler.fail_all(error)
+        self._take_inbox()
+        for req in self.pending:
+            self.fail(req, error)
+        self.pending.clear()
+        raise EngineDead(error)
+
+    def _take_inbox(self):
+        """Take in the requests and aborts sent since the last step."""
+        if not self.has_unfinished_inside():
+            self.t_start = self.recorder.now()  # the engine was idle: a new run begins
+        while True:
+            try:
+                kind, item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                if self.dead:
+                    self.fail(item, self.dead)
+                else:
+                    bisect.insort(self.pending, item, key=lambda r: r.arrival_time)
+            elif req := self.requests.get(item):
+                if req in self.pending:
+                    self.pending.remove(req)
+                    req.status, req.finish_reason = Status.FINISHED, FinishReason.ABORT
+                    self.requests.pop(item)
+                else:
+                    self.scheduler.abort(item)
+
+    def has_unfinished_inside(self) -> bool:
+        return bool(self.pending or self.scheduler.has_work() or self.inflight)
+
+    def _admit(self):
         now = self.recorder.now()
-        while self.pending and t_start + self.pending[0].arrival_time <= now:
+        while self.pending and self.t_start + self.pending[0].arrival_time <= now:
             req = self.pending.pop(0)
-            self.recorder.emit(RequestArrived(t_start + req.arrival_time, req.request_id, req.num_prompt_tokens))
+            t = max(req.t_added, self.t_start + req.arrival_time)
+            self.recorder.emit(RequestArrived(t, req.request_id, req.num_prompt_tokens))
             self.scheduler.add_request(req)
 
+    def _forget_finished(self):
+        for rid in self.scheduler.take_finished():
+            self.requests.pop(rid, None)
+
+    # --- outputs: each caller its own --------------------------------------------------------------
+
+    def _serve(self, reqs: list[Request]):
+        """Drive the engine until every one of `reqs` is finished, yielding whenever they may have changed.
+
+        Several threads may do this at once: whoever gets the lock steps the engine for all, the others wait
+        for its progress. Closing the generator early (a `break` in the caller) aborts the requests left.
+        """
+        try:
+            while not all(r.finished for r in reqs):
+                if self.lock.acquire(blocking=False):
+                    try:
+                        self.step()
+                    finally:
+                        self.lock.release()
+                else:
+                    with self.progress:
+                        self.progress.wait(0.05)
+                yield
+        finally:
+            left = [r for r in reqs if not r.finished]
+            for r in left:
+                self.abort(r.request_id)
+            if left and self.lock.acquire(blocking=False):  # now: free their pages, drain what is in flight
+                try:
+                    self.step(launch=False)
+                    while self.inflight:
+                        self.step(launch=False)
+                finally:
+                    self.lock.release()
+
+    def _add_all(self, prompts, params) -> list[Request]:
+        """Queue a call's prompts: one prompt (text, or a list of token ids) or a list of them, with one
+        SamplingParams for all or a list of one per prompt. The call's shape is checked before anything is
+        queued; each prompt's content is then checked alone (a bad one fails, the others run)."""
+        one_ids = isinstance(prompts, (list, tuple)) and prompts and _is_token(prompts[0])
+        if isinstance(prompts, (str, dict)) or one_ids or getattr(prompts, "ndim", 0) == 1:
+            prompts = [prompts]  # a single prompt, not a list of them
+        prompts = list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        elif not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
+            raise TypeError(
+                f"params must be a SamplingParams or a list of them, got {type(params).__name__}; "
+                "build one with SamplingParams(**d)"
+            )
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams; give one, or one per prompt")
+        if self.dead:
+            raise EngineDead(self.dead)
+        return [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, use_tqdm=True):
-        """Run prompts (texts or token-id lists) to completion; outputs in the prompts' order."""
+        """Run prompts to completion; outputs in the prompts' order. A str is one prompt, a list of ints one
+        tokenized prompt, a list of either many."""
         from tqdm import tqdm
 
-        params = params if isinstance(params, list) else [params] * len(prompts)
-        reqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        reqs = self._add_all(prompts, params)
         with tqdm(total=len(reqs), disable=not use_tqdm, desc="requests", unit="req") as bar:
-            bar.update(sum(r.finished for r in reqs))
-            for got in self.run():
-                bar.update(sum(r.finished for r in got))
+            for _ in self._serve(reqs):
+                bar.update(sum(r.finished for r in reqs) - bar.n)
         return [self.output(r) for r in reqs]
 
-    def stream(self, prompts, params: SamplingParams | None = None):
-        """Like generate, but yields (request, token_id) as each token is generated.
+    def stream(self, prompts, params: SamplingParams | list[SamplingParams] | None = None):
+        """Like generate, but yields (request, token_id) for this call's requests as each token is generated.
 
         >>> llm = LLM("distilgpt2", load_format="dummy", num_gpu_blocks_override=64)
         >>> [t for _, t in llm.stream([[1, 2]], SamplingParams(temperature=0, max_tokens=3))] == \\
         ...     llm.generate([[1, 2]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0].output_token_ids
         True
         """
-        for p in prompts:
-            self.add_request(p, params)
-        for got in self.run():
-            for req in got:
-                yield req, req.token_ids[-1]
+        reqs = self._add_all(prompts, params)
+        sent = [0] * len(reqs)
+        for _ in self._serve(reqs):
+            for i, req in enumerate(reqs):
+                new = req.output_token_ids[sent[i] :]
+                sent[i] += len(new)
+                for token in new:
+                    yield req, token
 
     def output(self, req: Request) -> RequestOutput:
         text = self.tokenizer.decode(req.output_token_ids) if self.tokenizer else ""
@@ -1041,7 +1405,24 @@ class LLM:
         return compute_metrics(self.recorder.events)
 
 
+def _is_token(x) -> bool:
+    """An int-like scalar (int, numpy integer, 0-d tensor): a list of them is one tokenized prompt."""
+    return isinstance(x, int) or hasattr(x, "__index__") and getattr(x, "ndim", 0) == 0
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device to run on: cuda when there is one, unless named."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible here (torch.cuda.is_available() is False); use cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(name)
+
+
 def resolve_dtype(dtype, device):
+    """The torch dtype of a --dtype name (auto: float32 on CPU, bfloat16 on a GPU)."""
     if dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     if isinstance(dtype, torch.dtype):
@@ -1089,42 +1470,88 @@ def random_workload(n, input_len, output_len, vocab_size, seed=0):
     ]
 
 
-def read_prompts_file(path) -> list[dict]:
-    """JSONL, one request a line: {"prompt": ...} or {"prompt_token_ids": [...]}, optionally max_tokens,
-    temperature, arrival_s. A bad line becomes a request that fails with its line number."""
+def read_prompts_file(path, base: SamplingParams, max_line_bytes: int = 1 << 20) -> list:
+    """JSONL, one request a line: {"prompt": ...} or {"prompt_token_ids": [...]}, with any SamplingParams field
+    (over `base`'s) and "arrival_s" (seconds after the start). Returns (prompt, params, arrival_s or None) per
+    good line and, per bad one, its error naming the file and the line: a bad line fails alone. Lines over
+    `max_line_bytes` are skipped unread."""
     items = []
-    keys = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "arrival_s"}
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                if not isinstance(d, dict) or ("prompt" in d) == ("prompt_token_ids" in d):
-                    raise ValueError('needs exactly one of "prompt" or "prompt_token_ids"')
-                if unknown := d.keys() - keys:
-                    raise ValueError(f"unknown keys {sorted(unknown)}; allowed: {sorted(keys)}")
-                items.append(d)
-            except ValueError as e:
-                items.append({"error": f"{path} line {lineno}: {e}"})
-    return items
+    with open(path, "rb") as f:
+        for lineno in itertools.count(1):
+            line = f.readline(max_line_bytes + 1)
+            if not line:
+                return items
+            if len(line) > max_line_bytes:
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass  # skip the rest of the line without keeping it
+                items.append(
+                    f"{path} line {lineno}: longer than {max_line_bytes} bytes, more than any prompt that fits "
+                    "the model's context; shorten it"
+                )
+            elif line.strip():
+                try:
+                    items.append(parse_prompts_line(line, base))
+                except ValueError as e:
+                    items.append(f"{path} line {lineno}: {e}")
+
+
+PROMPT_KEYS = ("prompt", "prompt_token_ids")
+LINE_KEYS = (*PROMPT_KEYS, "arrival_s", *(f.name for f in fields(SamplingParams)))
+
+
+def parse_prompts_line(line: bytes, base: SamplingParams) -> tuple:
+    """One line of a prompts file, checked by the rules of the Python API (sched/request.py)."""
+
+    def refuse(name):
+        raise ValueError(f"{name} is not a number JSON allows; write a finite number")
+
+    try:
+        d = json.loads(line, parse_constant=refuse)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"not valid JSON ({e})") from None
+    if not isinstance(d, dict) or sum(k in d for k in PROMPT_KEYS) != 1:
+        raise ValueError('needs exactly one of "prompt" or "prompt_token_ids"')
+    if unknown := d.keys() - set(LINE_KEYS):
+        raise ValueError(f"unknown keys {sorted(unknown)}; allowed: {list(LINE_KEYS)}")
+    prompt = {k: d.pop(k) for k in PROMPT_KEYS if k in d}
+    parse_prompt(prompt)  # its type, now
+    arrival = d.pop("arrival_s", None)
+    if arrival is not None:
+        as_arrival(arrival)
+    return prompt, SamplingParams.from_dict(d, base), arrival
+
+
+def positive(kind):
+    """An argparse type: an int (or float) of at least 1 (or above 0); infinity is allowed for floats."""
+
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if v != v or (v < 1 if kind is int else v <= 0):
+            raise argparse.ArgumentTypeError(f"{text} must be {'at least 1' if kind is int else 'positive'}")
+        return v
+
+    return parse
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="a Hugging Face GPT-2 folder or hub id (default: models/shakespeare)")
-    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--load-format", default="auto", choices=LOAD_FORMATS, help="dummy: random weights")
+    g.add_argument("--dtype", default="auto", choices=DTYPES)
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     g.add_argument(
         "--attention-backend",
+        dest="attention",
         default="auto",
-        choices=["auto", "reference", "triton"],
+        choices=ATTENTION,
         help="auto: Triton kernels on CUDA, the torch reference on CPU",
     )
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
+    g.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: one per core)")
     g = p.add_argument_group("engine")
     g.add_argument("--sched", default="sync", help=f"the scheduler: {', '.join(SCHEDULERS)}")
     g.add_argument("--pp", type=int, default=1, help="pipeline stages: the layers split into PP stage workers")
@@ -1136,6 +1563,7 @@ def build_parser():
     g.add_argument("--num-gpu-blocks-override", type=int, default=None, help="number of KV pages")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    g.add_argument("--step-timeout-s", type=float, default=None, help="fail the run if a step takes longer")
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=None, help="0: greedy (default 0.8 for demo, else 1)")
     g.add_argument("--top-k", type=int, default=None, help="0: off (default 40 for demo, else 0)")
@@ -1146,10 +1574,12 @@ def build_parser():
     g = p.add_argument_group("workload")
     g.add_argument("--workload", default="demo", choices=["demo", "random"])
     g.add_argument("--prompts-file", default=None, help='JSONL: {"prompt": ...} or {"prompt_token_ids": [...]}')
-    g.add_argument("--num-prompts", type=int, default=None, help="random: default 64; demo: its prompts")
+    g.add_argument("--num-prompts", type=positive(int), default=None, help="random: default 64; demo: its prompts")
     g.add_argument("--input-len", default=None, help="random: MIN:MAX prompt tokens (default: context/16 : /2)")
     g.add_argument("--output-len", default=None, help="random: MIN:MAX output tokens (default: context/16 : /2)")
-    g.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second")
+    g.add_argument(
+        "--request-rate", type=positive(float), default=float("inf"), help="Poisson arrivals per second (inf: all now)"
+    )
     g = p.add_argument_group("output")
     g.add_argument("--output-json", default=None, help="write config, metrics and every request as JSON")
     g.add_argument(
@@ -1159,15 +1589,21 @@ def build_parser():
         "FILE.json: a Chrome/Perfetto trace (open it at ui.perfetto.dev)",
     )
     g.add_argument("--viz", action="store_true", help="watch the run live in the terminal visualizer")
-    g.add_argument("--viz-speed", type=float, default=None, help="--viz pace in steps/s (default: full speed)")
+    g.add_argument("--viz-speed", type=positive(float), default=None, help="--viz pace in steps/s")
     g.add_argument("--quiet", action="store_true", help="no completions, no progress bar")
     return p
 
 
-def make_requests(args, llm: LLM) -> list[tuple[object, SamplingParams, str | None]]:
-    """(prompt, params, error) per request of the chosen workload."""
+def engine_config(args, sched: str) -> EngineConfig:
+    """The engine settings among the parsed flags (the same names), checked."""
+    flags = {f.name: getattr(args, f.name) for f in fields(EngineConfig) if hasattr(args, f.name)}
+    return EngineConfig(**{**flags, "sched": sched})
+
+
+def make_requests(args, llm: LLM) -> list[tuple]:
+    """(prompt, params, error, arrival_s) per request of the chosen workload; error and arrival_s may be None."""
     demo = args.workload == "demo" and not args.prompts_file
-    # --max-tokens, else the workload's own length (0 is kept: each request then fails with a clear error)
+    # --max-tokens, else the workload's own length
     max_tokens = lambda default: default if args.max_tokens is None else args.max_tokens
     base = SamplingParams(
         temperature=args.temperature if args.temperature is not None else (0.8 if demo else 1.0),
@@ -1176,13 +1612,10 @@ def make_requests(args, llm: LLM) -> list[tuple[object, SamplingParams, str | No
         max_tokens=max_tokens(64),
         ignore_eos=args.ignore_eos,
     )
-    with_max = lambda n: SamplingParams(**{**asdict(base), "max_tokens": max_tokens(n)})
+    with_max = lambda n: SamplingParams.from_dict({"max_tokens": max_tokens(n)}, base)
     if args.prompts_file:
-        out = []
-        for d in read_prompts_file(args.prompts_file):
-            sp = SamplingParams(**{**asdict(base), **{k: d[k] for k in ("max_tokens", "temperature") if k in d}})
-            out.append((d.get("prompt", d.get("prompt_token_ids")), sp, d.get("error"), d.get("arrival_s")))
-        return out
+        items = read_prompts_file(args.prompts_file, base, max_prompt_bytes(llm))
+        return [(None, None, d, None) if isinstance(d, str) else (*d[:2], None, d[2]) for d in items]
     if args.workload == "random":
         ctx = llm.max_model_len
         default = f"{max(1, ctx // 16)}:{ctx // 2}"
@@ -1196,10 +1629,19 @@ def make_requests(args, llm: LLM) -> list[tuple[object, SamplingParams, str | No
         return [(d["prompt_token_ids"], with_max(d["max_tokens"]), None, None) for d in items]
     # demo: the model's own demo prompts when its folder has them (the embedded model does), else generic ones
     demo_file = llm.model.folder and Path(llm.model.folder) / "demo_prompts.jsonl"
-    items = read_prompts_file(demo_file) if demo_file and demo_file.exists() else [{"prompt": p} for p in DEMO_PROMPTS]
+    if demo_file and demo_file.exists():  # its lines may set max_tokens; --max-tokens wins
+        items = [(p, with_max(sp.max_tokens)) for p, sp, _ in read_prompts_file(demo_file, base)]
+    else:
+        items = [(p, with_max(64)) for p in DEMO_PROMPTS]
     n = args.num_prompts or len(items)
-    items = (items * -(-n // len(items)))[:n]
-    return [(d["prompt"], with_max(d.get("max_tokens", 64)), None, None) for d in items]
+    return [(*items[i % len(items)], None, None) for i in range(n)]
+
+
+def max_prompt_bytes(llm: LLM) -> int:
+    """The longest prompts-file line that can hold a prompt fitting the context (JSON escapes take <= 6 bytes a
+    character, a token id <= 8)."""
+    chars = llm.tokenizer.max_token_chars if llm.tokenizer else 1
+    return 6 * llm.max_model_len * max(chars, 8) + 4096
 
 
 def poisson_arrivals(n, rate, seed):
@@ -1261,50 +1703,81 @@ def request_records(llm: LLM, reqs: list[Request]) -> list[dict]:
     return out
 
 
-def build_llm(args, sched: str) -> LLM:
-    return LLM(
-        args.model,
-        sched=sched,
-        load_format=args.load_format,
-        dtype=args.dtype,
-        device=args.device,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        num_gpu_blocks_override=args.num_gpu_blocks_override,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enable_prefix_caching=args.enable_prefix_caching,
-        seed=args.seed,
-        pp=args.pp,
-        attention=args.attention_backend,
-        enforce_eager=args.enforce_eager,
-    )
-
-
 def add_workload(args, llm: LLM) -> list[Request]:
     """Queue the chosen workload's requests (with Poisson arrival times for --request-rate)."""
     items = make_requests(args, llm)
     arrivals = poisson_arrivals(len(items), args.request_rate, args.seed)
     reqs = []
     for (prompt, sp, error, arrival), t in zip(items, arrivals):
-        if error:  # a malformed --prompts-file line fails alone
-            req = Request([], sp)
-            llm.requests[req.request_id] = req
-            llm.fail(req, error)
+        if error:  # a malformed --prompts-file line fails alone, with an id of its own
+            reqs.append(llm.reject(error))
         else:
-            req = llm.add_request(prompt, sp, arrival_s=arrival if arrival is not None else t)
-        reqs.append(req)
+            reqs.append(llm.add_request(prompt, sp, arrival_s=arrival if arrival is not None else t))
     return reqs
 
 
 def run_with_progress(llm: LLM, reqs: list[Request], label: str, show: bool):
+    """Drive the run to its end, with a progress bar over output tokens (and requests finished)."""
     from tqdm import tqdm
 
-    with tqdm(total=len(reqs), disable=not show, desc=label, unit="req", file=sys.stderr) as bar:
-        bar.update(sum(r.finished for r in reqs))
-        for got in llm.run():
-            bar.update(sum(r.finished for r in got))
+    total = sum(r.params.max_tokens for r in reqs if not r.finished)
+    with tqdm(total=total, disable=not show, desc=label, unit="tok", file=sys.stderr, dynamic_ncols=True) as bar:
+        for _ in llm.run():
+            done = sum(r.finished for r in reqs)
+            bar.set_postfix_str(f"requests {done}/{len(reqs)}", refresh=False)
+            bar.update(sum(r.num_output_tokens for r in reqs) - bar.n)
+        bar.total = bar.n  # requests that stopped early (EOS) never made their max_tokens
+        bar.refresh()
+
+
+@contextlib.contextmanager
+def abort_on_ctrl_c(llm: LLM, reqs: list[Request]):
+    """While inside: the first Ctrl-C aborts the run's unfinished requests, so the run ends after the step in
+    flight and what finished is still reported and written; a second Ctrl-C stops at once. Yields a dict
+    whose "interrupted" says whether it happened."""
+    state = {"interrupted": False}
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one raises KeyboardInterrupt
+        print("\ninterrupted: stopping after this step (Ctrl-C again to quit at once)", file=sys.stderr)
+        state["interrupted"] = True
+        for r in reqs:
+            llm.abort(r.request_id)  # a queue put: safe in a signal handler
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_workload(args, llm: LLM, reqs: list[Request], label: str, show: bool) -> bool:
+    """Run the queued requests, live in the viewer with --viz; False if the run was interrupted."""
+    if args.viz:
+        from viz.app import run_live  # only the viewer imports Textual
+
+        finished = run_live(llm, speed=args.viz_speed)
+    else:
+        with abort_on_ctrl_c(llm, reqs) as state:
+            run_with_progress(llm, reqs, label, show)
+        finished = not state["interrupted"]
+    if not finished:  # what is left is aborted, and the batches in flight are drained
+        for r in reqs:
+            llm.abort(r.request_id)
+        for _ in llm.run():
+            pass
+    return finished
+
+
+def check_output_path(path: str, flag: str):
+    """Fail before the run, not after it, when an output file cannot be written."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name inside it, e.g. {p / 'run.json'}")
+    if not p.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {p.parent} does not exist; create it first")
+    if not os.access(p.parent, os.W_OK):
+        raise ValueError(f"{flag} {path}: the folder {p.parent} is not writable")
 
 
 def predicted_overlap_speedup(events) -> float:
@@ -1356,44 +1829,59 @@ def print_comparison(results: dict):
         )
 
 
+def workload_record(args) -> dict:
+    """The flags that chose the workload (not the engine's: those are in "config"), for --output-json."""
+    engine = {f.name for f in fields(EngineConfig)}
+    out = {k: v for k, v in vars(args).items() if k not in engine and k not in ("compare", "quiet", "viz_speed")}
+    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     scheds = args.compare.split(",") if args.compare else [args.sched]
+    try:  # every flag is checked before anything is loaded or run
+        configs = {name: engine_config(args, name) for name in scheds}
+        for flag in ("output_json", "trace"):
+            if getattr(args, flag):
+                check_output_path(getattr(args, flag), "--" + flag.replace("_", "-"))
+        for flag in ("input_len", "output_len"):
+            if getattr(args, flag):
+                parse_range(getattr(args, flag), "--" + flag.replace("_", "-"))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.threads:  # default: torch's own, one per core (measured best on 2 cores for every scheduler)
         torch.set_num_threads(args.threads)
     show = not args.quiet
-    if args.compare:  # a process's first run pays one-time costs (lazy init, allocator growth): pay them untimed
+    results, interrupted = {}, False
+    for i, name in enumerate(scheds):
         try:
-            warm = build_llm(args, scheds[0])
-            for prompt, sp, error, _ in make_requests(args, warm)[:16]:
-                if not error:
-                    warm.add_request(prompt, sp)
-        except (ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        run_with_progress(warm, [], "warm-up", show)
-    results = {}
-    for name in scheds:
-        try:
-            llm = build_llm(args, name)
+            if args.compare and i == 0:  # a process's first run pays one-time costs (lazy init, allocator growth)
+                warm = LLM(**asdict(configs[name]))
+                for prompt, sp, error, _ in make_requests(args, warm)[:16]:
+                    if not error:
+                        warm.add_request(prompt, sp)
+                run_with_progress(warm, [], "warm-up", show)
+            llm = LLM(**asdict(configs[name]))
             reqs = add_workload(args, llm)
         except (ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        if args.viz:
-            from viz.app import run_live  # only the viewer imports Textual
-
-            if not run_live(llm, speed=args.viz_speed):
-                print("viewer closed before the run finished", file=sys.stderr)
-                return 130
-        else:
-            run_with_progress(llm, reqs, name, show)
+        try:
+            finished = run_workload(args, llm, reqs, name, show)
+        except EngineDead as e:
+            print(f"error: {e}", file=sys.stderr)
+            finished = False
         results[name] = dict(
-            config={**llm.config, **vars(args), "sched": name},
+            config=llm.describe(),
+            workload=workload_record(args),
             metrics=llm.metrics(),
             requests=request_records(llm, reqs),
             events=llm.recorder.events,
         )
+        if not finished:
+            interrupted = True
+            break
     records = results[name]["requests"]
     tty = sys.stdout.isatty()
     dim, bold, reset = ("\033[2m", "\033[1m", "\033[0m") if tty else ("", "", "")
@@ -1404,14 +1892,15 @@ def main(argv=None):
     for rec in records:
         if rec["error"]:
             print(f"request {rec['id']} failed: {rec['error']}", file=sys.stderr)
+    cfg = llm.config
     print(
-        f"model {llm.model_name} on {llm.device} ({llm.config['dtype']}), "
-        f"{llm.config['num_blocks']} KV pages of {args.block_size} tokens, {torch.get_num_threads()} torch thread(s)"
+        f"model {llm.model_name} on {cfg.device} ({cfg.dtype}), {llm.num_blocks} KV pages of {cfg.block_size} "
+        f"tokens, {torch.get_num_threads()} torch thread(s)"
     )
-    if args.compare:
+    if args.compare and not interrupted:
         print_comparison(results)
     else:
-        print(f"scheduler {name}")
+        print(f"scheduler {name}" + (" (interrupted: the requests that finished)" if interrupted else ""))
         print_summary(results[name]["metrics"])
     if args.output_json:
         out = {n: {k: v for k, v in r.items() if k != "events"} for n, r in results.items()}
@@ -1422,6 +1911,8 @@ def main(argv=None):
         write_perfetto(llm.recorder.events, args.trace)
     elif args.trace:
         llm.recorder.write_jsonl(args.trace)
+    if interrupted:
+        return 130
     return 1 if any(r["error"] for r in records) else 0
 
 

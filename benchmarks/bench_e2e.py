@@ -149,10 +149,10 @@ def run_nanoserve(args, sched, eager, state, work, warm) -> dict:
     errors = [o.error for o in outs if o.error]
     settings = dict(
         sched=sched,
-        cuda_graphs=llm.config["cuda_graphs"],
-        attention=llm.config["attention"],
-        dtype=llm.config["dtype"],
-        num_blocks=llm.config["num_blocks"],
+        cuda_graphs=llm.config.cuda_graphs,
+        attention=llm.config.attention,
+        dtype=llm.config.dtype,
+        num_blocks=llm.num_blocks,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
     )

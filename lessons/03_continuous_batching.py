@@ -59,11 +59,13 @@ rng = random.Random(0)
 prompts = [[rng.randrange(3072) for _ in range(rng.randint(3, 8))] for _ in max_tokens]
 
 llm = ns.LLM(max_num_seqs=4, num_gpu_blocks_override=64, device="cpu")
-for i, (prompt, m) in enumerate(zip(prompts, max_tokens)):
+reqs = [
     llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True), request_id=str(i))
+    for i, (prompt, m) in enumerate(zip(prompts, max_tokens))
+]
 for _ in llm.run():
     pass
-continuous_outputs = {rid: r.output_token_ids for rid, r in llm.requests.items()}
+continuous_outputs = {r.request_id: r.output_token_ids for r in reqs}
 
 steps = [e for e in llm.recorder.events if isinstance(e, StepScheduled)]
 for e in steps[:6]:
@@ -114,12 +116,11 @@ params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 def run(budget):
     """Three short requests; after their third step a 200-token prompt arrives."""
     llm = ns.LLM(max_num_batched_tokens=budget, num_gpu_blocks_override=64, device="cpu")
-    for i in range(3):
-        llm.add_request(prompts[i], params, request_id=f"short{i}")
+    reqs = [llm.add_request(prompts[i], params, request_id=f"short{i}") for i in range(3)]
     for step, _ in enumerate(llm.run()):
         if step == 2:
-            llm.add_request(long_prompt, SamplingParams(temperature=0, max_tokens=8), request_id="long")
-    outputs = {rid: r.output_token_ids for rid, r in llm.requests.items()}
+            reqs.append(llm.add_request(long_prompt, SamplingParams(temperature=0, max_tokens=8), request_id="long"))
+    outputs = {r.request_id: r.output_token_ids for r in reqs}
     return llm, outputs
 
 

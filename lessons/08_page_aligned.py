@@ -83,11 +83,11 @@ def run(sched):
         return x
 
     llm.runner.prepare = recording_prepare
-    for i, prompt in enumerate(shorts):
-        llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), request_id=f"s{i}")
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    reqs = [llm.add_request(prompt, params, request_id=f"s{i}") for i, prompt in enumerate(shorts)]
     for step, _ in enumerate(llm.run()):
         if step == 1:
-            llm.add_request(long_prompt, SamplingParams(temperature=0, max_tokens=4), request_id="long")
+            reqs.append(llm.add_request(long_prompt, SamplingParams(temperature=0, max_tokens=4), request_id="long"))
     chunks = [  # (start, length) of the long prompt's prefill chunks
         (e.step, n)
         for e in llm.recorder.events
@@ -96,7 +96,7 @@ def run(sched):
         if rid == "long" and prefill
     ]
     starts = [sum(n for _, n in chunks[:i]) for i in range(len(chunks))]
-    outputs = {rid: r.output_token_ids for rid, r in llm.requests.items()}
+    outputs = {r.request_id: r.output_token_ids for r in reqs}
     return dict(chunks=[(s, n) for s, (_, n) in zip(starts, chunks)], writes=writes, outputs=outputs)
 
 

@@ -9,12 +9,18 @@ This policy first collects everything schedulable, with each microbatch's budget
 pending load divided among the free pipeline slots, then deals the requests out largest first into
 the lightest microbatch (LPT). A request is never in two microbatches in flight, so the token counts
 of the microbatches differ by at most one request's chunk.
+
+Dealing reorders work: a request can land in a microbatch that runs before the one computing the
+pages its prompt shares with another request of the same collect. So here a prefix hit never uses a
+page written in the same collect (sched/base.py: the order of work); it computes it instead.
 """
 
 from sched.base import Scheduler
 
 
 class BalancedScheduler(Scheduler):
+    hits_within_collect = False  # a request may land in an earlier microbatch than the one writing its hit
+
     def free_slots(self) -> int:
         return max(1, self.depth - self.num_inflight_batches)
 

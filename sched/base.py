@@ -12,12 +12,21 @@ the real token. With one step in flight (`depth = 1`) placeholders are gone befo
 `schedule`; a policy that plans ahead (`depth = 2`, `allow_placeholders`) schedules the placeholder
 itself as the next step's input, and the runner fills it in on the device.
 
+Prefix hits and the order of work: a page may serve as a prefix-cache hit only to work that runs in
+the same batch as the step that writes it (each layer writes all of a batch's keys before any of them
+attends) or after it. Every batch handed out runs after the ones handed out before it, on every device
+and pipeline stage, so a hit on a page written by an earlier batch is always safe. A policy that cuts
+one `collect` into several batches (`hits_within_collect = False`: balanced) cannot promise the first
+case, so there a request hits no page that another request of the same collect writes; it computes
+that page itself. When a step fails, the pages it was to write are unnamed (`fail`).
+
 Policies subclass `Scheduler` and override a few hooks: `depth` (batches in flight at once),
 `allow_placeholders` (may a request be in two of them), `token_budget` and `chunk_size` (how many
 tokens a step, and a request in it, may take), `charge` (what those tokens cost of the budget) and
 `form_batches` (how the scheduled work is cut into the batches sent to the device).
 """
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -73,8 +82,9 @@ PLACEHOLDER = -1  # the token id of a token still being sampled on the device
 
 
 class Scheduler:
-    depth = 1  # batches in flight at once (DESIGN.md: the one engine loop)
+    depth = 1  # batches in flight at once (docs/ARCHITECTURE.md: the one engine loop)
     allow_placeholders = False  # may a request already in an in-flight batch be scheduled again?
+    hits_within_collect = True  # may a request hit pages written by another request of the same collect?
 
     def __init__(self, config: SchedulerConfig, recorder: Recorder | None = None, pp: int = 1):
         self.config, self.pp = config, pp
@@ -89,6 +99,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.step = 0
+        self.written: set[int] = set()  # pages named by this collect (see hits_within_collect)
+        self.finished_ids: list[str] = []  # finished since the engine last asked (take_finished)
 
     def _on_pages(self, kind, request_id, pages):
         self.recorder.emit(Pages(self.recorder.now(), kind, request_id, pages))
@@ -122,11 +134,17 @@ class Scheduler:
             self.waiting.remove(req)
         self.blocks.free(req.request_id)
         req.status, req.finish_reason, req.error = Status.FINISHED, reason, error
+        self.finished_ids.append(req.request_id)
         self.recorder.emit(
             RequestFinished(
                 self.recorder.now(), req.request_id, reason.value, req.num_prompt_tokens, req.num_output_tokens, error
             )
         )
+
+    def take_finished(self) -> list[str]:
+        """Ids of the requests finished since the last call."""
+        ids, self.finished_ids = self.finished_ids, []
+        return ids
 
     def preempt(self, req: Request):
         """Free the request's pages and send it back to the front of the queue, to recompute."""
@@ -196,6 +214,7 @@ class Scheduler:
         """Choose work under the token budget: running requests first, then waiting ones."""
         budget = self.token_budget()
         scheduled, preempted = [], False
+        self.written = set()
 
         # 1. running requests, oldest first; when pages run out, preempt from the newest end
         i = 0
@@ -225,7 +244,7 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_inflight:  # preempted while in a batch in flight: wait for that batch
                 break
-            prefix = self.blocks.lookup_prefix(req.token_ids)
+            prefix = self.prefix_hit(req)
             req.num_computed_tokens = len(prefix) * self.config.block_size
             n = self.chunk_size(req, budget)
             if n <= 0 or not self.blocks.allocate(req.request_id, req.num_computed_tokens + n, prefix):
@@ -245,6 +264,13 @@ class Scheduler:
             budget -= self.charge(req, n)
         return scheduled
 
+    def prefix_hit(self, req: Request) -> list[int]:
+        """The cached pages that start req's tokens and that it may use (module docstring: the order of work)."""
+        pages = self.blocks.lookup_prefix(req.token_ids)
+        if not self.hits_within_collect:
+            pages = list(itertools.takewhile(lambda p: p not in self.written, pages))
+        return pages
+
     def _take(self, req: Request, n: int) -> ScheduledRequest:
         """Schedule n tokens of req: they count as computed from now on (the step will write them)."""
         start = req.num_computed_tokens
@@ -252,7 +278,9 @@ class Scheduler:
         known = req.token_ids[start : start + n]
         tokens = known + [PLACEHOLDER] * (n - len(known))
         # name full pages for the prefix cache, but never one holding a token still in flight
-        self.blocks.cache_pages(req.request_id, req.token_ids, min(req.num_computed_tokens, req.num_tokens))
+        self.written.update(
+            self.blocks.cache_pages(req.request_id, req.token_ids, min(req.num_computed_tokens, req.num_tokens))
+        )
         sample = req.num_computed_tokens == req.num_tokens + req.num_placeholders
         num_outputs = req.num_output_tokens + req.num_placeholders  # index of the token it samples
         if sample:
@@ -266,6 +294,26 @@ class Scheduler:
             f"but the whole cache has {self.config.num_blocks}; raise --num-gpu-blocks-override or lower "
             "max_tokens"
         )
+
+    def fail(self, batches: list[Batch], error: str):
+        """A step failed: finish every request of `batches` (every batch in flight: the engine drained them) and
+        of the batches formed but not handed out, with `error`. The pages those batches were to write lose
+        their prefix-cache names, so that no later request can hit a page that was never written."""
+        bs = self.config.block_size
+        for r in [r for b in batches for r in b.requests] + [r for b in self.ready for r in b]:
+            req = r.request
+            self.blocks.uncache(r.block_table[r.start // bs : -(-(r.start + len(r.token_ids)) // bs)])
+            req.num_inflight = req.num_placeholders = 0
+            if not req.finished:
+                self.finish(req, FinishReason.ERROR, error)
+        self.ready, self.num_inflight_batches = [], 0
+
+    def fail_all(self, error: str):
+        """Finish every request the scheduler holds with `error` (after `fail`: nothing is in flight)."""
+        for req in [*self.running, *self.waiting]:
+            req.num_inflight = req.num_placeholders = 0
+            self.finish(req, FinishReason.ERROR, error)
+        self.ready, self.num_inflight_batches = [], 0
 
     def update(self, batch: Batch, sampled_ids: list[int]) -> list[Request]:
         """Append each sampled token, stop finished requests and free their pages.

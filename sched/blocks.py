@@ -104,10 +104,11 @@ class BlockManager:
         page.ref_cnt = 1
         return page_id
 
-    def cache_pages(self, request_id: str, token_ids: list[int], num_tokens: int):
-        """Name every full page among the request's first `num_tokens` (computed) tokens."""
+    def cache_pages(self, request_id: str, token_ids: list[int], num_tokens: int) -> list[int]:
+        """Name every full page among the request's first `num_tokens` (computed) tokens; returns the pages
+        named now."""
         if not self.enable_prefix_caching:
-            return
+            return []
         table, hashes, bs = self.tables[request_id], self.hashes.setdefault(request_id, []), self.block_size
         new = []
         for i in range(len(hashes), num_tokens // bs):
@@ -121,6 +122,17 @@ class BlockManager:
                 new.append(page.id)
         if new:
             self.on_event("cached", request_id, new)
+        return new
+
+    def uncache(self, pages):
+        """Forget the names of these pages (a failed step never wrote them): no later prefix can hit them."""
+        for p in pages:
+            page = self.pages[p]
+            if page.hash is not None:
+                del self.cached[page.hash]
+                page.hash = page.tokens = None
+                if page.ref_cnt == 0:
+                    self.free_queue.move_to_end(p, last=False)  # nothing worth keeping: reuse first
 
     def free(self, request_id: str):
         """Release all the request's pages (on finish, abort or preemption)."""

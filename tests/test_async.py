@@ -1,7 +1,6 @@
 """The async scheduler: the same tokens as sync while it plans a step ahead, and no hang on failure."""
 
 import json
-import time
 
 import pytest
 
@@ -81,21 +80,3 @@ def test_seeded_sampling_matches_sync(tiny_gpt2):
     _, sync = outputs(tiny_gpt2, "sync", params)
     _, asyn = outputs(tiny_gpt2, "async", params, num_gpu_blocks_override=12, block_size=8)
     assert asyn == sync
-
-
-@pytest.mark.parametrize("sched", ["sync", "async"])
-def test_device_failure_surfaces_within_a_second(tiny_gpt2, sched):
-    llm = ns.LLM(str(tiny_gpt2), sched=sched)
-    head, calls = llm.model.head, []
-
-    def failing(*a, **kw):
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("injected device failure")
-        return head(*a, **kw)
-
-    llm.model.head = failing
-    t = time.perf_counter()
-    with pytest.raises(RuntimeError, match="step 3 failed on the device.*injected device failure"):
-        llm.generate(workload()[0], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
-    assert time.perf_counter() - t < 5.0  # the run itself is short: what matters is that it ends

@@ -148,7 +148,7 @@ def test_viz_flag_runs_the_live_viewer_and_trace_json_writes_perfetto(tiny_gpt2,
     out = tmp_path / "run.json"
     argv = ["--model", str(tiny_gpt2), "--workload", "random", "--num-prompts", "6", "--output-len", "2:5"]
     assert ns.main([*argv, "--ignore-eos", "--viz", "--trace", str(out), "--quiet"]) == 0
-    assert all(r.finished for r in seen["llm"].requests.values()) and len(seen["llm"].requests) == 6
+    assert seen["llm"].metrics()["num_requests"] == 6 and not seen["llm"].has_unfinished()
     trace = json.loads(out.read_text())
     assert trace["displayTimeUnit"] and {e["ph"] for e in trace["traceEvents"]} >= {"X", "b", "e", "C"}
     assert "Throughput:" in capsys.readouterr().out
