@@ -26,10 +26,12 @@
 #
 # - record a run and look at its events;
 # - save it as a JSONL step log and replay it step by step with `viz.replay`;
+# - see why a viewer that pauses the engine does not change the numbers;
 # - render the terminal visualizer's screen from the replay, and learn to read its panels;
 # - export the run for Perfetto and check the structure of the trace.
 
 # %%
+import dataclasses
 import html
 import json
 import random
@@ -47,7 +49,7 @@ import nanoserve as ns
 from sched import SamplingParams
 from viz.perfetto import to_perfetto, write_perfetto
 from viz.replay import Replay
-from viz.trace import compute_metrics, read_jsonl
+from viz.trace import VIEWER_LANE, RequestFinished, Span, compute_metrics, read_jsonl
 
 torch.set_num_threads(1)
 
@@ -79,7 +81,8 @@ for e in events[:6]:
 # ## The step log
 #
 # `--trace run.jsonl` writes the events one JSON object a line; `read_jsonl` reads them back into
-# the same dataclasses. The metrics computed from the file are the engine's own.
+# the same dataclasses, checking every field of every line (a bad line is refused with its number and
+# what is wrong with it). The metrics computed from the file are the engine's own.
 
 # %%
 folder = Path(tempfile.mkdtemp(prefix="nanoserve-lesson10-"))
@@ -103,11 +106,9 @@ print(f"{replay.num_steps} steps, {len(replay.frames)} frames")
 history = []  # per frame: pages used, cached-free, free; requests running, waiting
 for frame in range(replay.last + 1):
     st = replay.seek(frame)
-    m = st.metrics()
     cached_free = st.num_cached_free_pages
-    history.append(
-        (st.num_used_pages, cached_free, st.num_free_pages - cached_free, m["num_running"], m["num_waiting"])
-    )
+    running, waiting = len(st.with_status("running")), len(st.with_status("waiting"))
+    history.append((st.num_used_pages, cached_free, st.num_free_pages - cached_free, running, waiting))
 
 AT = int(0.5 * replay.last)  # a frame in the middle of the run
 state = replay.seek(AT)
@@ -150,6 +151,38 @@ fig.tight_layout()
 show(fig, "10_replay")
 
 # %% [markdown]
+# ## The viewer's pauses are not the engine's time
+#
+# The live viewer drives the engine one step per `next()` and may hold it between two steps: paused,
+# stepping with `n`, or paced at 10 steps/s so a person can follow. It records each hold as a
+# `Span(lane="viewer")`. `compute_metrics` runs on the *engine's clock*, which cuts those holds out
+# (less any time the device was still busy with the step in flight), so the summary, `--output-json`
+# and the viewer's panel give one set of numbers whatever the pace. Here we pretend a viewer held our
+# run for 2 s after step 10's update, shifting every later event:
+
+
+# %%
+def held_after_update(events, step: int, seconds: float) -> list:
+    """`events` as if a viewer had held the engine `seconds` after `step`'s update (a sync run)."""
+    out, shift = [], 0.0
+    for e in events:
+        moved = {"t": e.t + shift} | ({"end": e.end + shift} if isinstance(e, Span) else {})
+        out.append(dataclasses.replace(e, **moved))
+        if isinstance(e, Span) and (e.lane, e.name, e.step) == ("cpu", "update", step):
+            out.append(Span(e.end, e.end + seconds, VIEWER_LANE, "paused", step + 1))
+            shift = seconds
+    return out
+
+
+held = held_after_update(replayed_events, 10, 2.0)
+held_metrics = compute_metrics(held)
+last_finish = max(e.t for e in held if isinstance(e, RequestFinished))
+print(f"the held run's clock: {last_finish:.2f} s from start to the last finish")
+for key in ("wall_s", "viewer_held_s"):
+    print(f"{key:>14}: {metrics[key]:.4f} unheld, {held_metrics[key]:.4f} held")
+print(f"{'TPOT ms':>14}: {metrics['tpot_ms']['mean']:.3f} unheld, {held_metrics['tpot_ms']['mean']:.3f} held")
+
+# %% [markdown]
 # ## The terminal visualizer
 #
 # `python nanoserve.py --viz` shows a run live; `python -m viz run.jsonl` replays a log with seeking.
@@ -173,10 +206,12 @@ show_svg(svg, "10_visualizer")
 # - **Queues & metrics** (top right): running, waiting and finished requests; tokens/s, TTFT, TPOT,
 #   device busy.
 # - **KV pages** (bottom right): the pool, each page in its owner's colour; `◆` shared by several
-#   requests (a prefix hit), `○` cached-free, `·` free.
+#   requests (a prefix hit), `○` cached-free, `·` free. A pool too large for the panel (the default
+#   4096 pages) shows only the range of pages the run has used so far, and says so.
 #
 # Keys: `space` pause, `n` one step, `←`/`→` back and forth in a replay, `+`/`-` speed, `s` save a
-# screenshot, `?` help, `q` quit.
+# screenshot, `?` help, `q` or `ctrl+c` quit. Live, the run opens at 10 steps/s (`--viz-speed N` to
+# choose, `--viz-speed inf` for full speed); the numbers are the same at any pace.
 #
 # ## Perfetto
 #
@@ -204,8 +239,12 @@ print("counters:", sorted({e["name"] for e in trace["traceEvents"] if e["ph"] ==
 # ## Checks
 
 # %%
+close = lambda a, b: abs(a - b) <= 1e-6 * max(1e-3, abs(b))
 assert [type(e) for e in replayed_events] == [type(e) for e in events], "the JSONL log must round-trip"
 assert metrics["steps"] == llm.metrics()["steps"] and metrics["preemptions"] == llm.metrics()["preemptions"] > 0
+assert close(held_metrics["viewer_held_s"], 2.0) and close(held_metrics["wall_s"], metrics["wall_s"])
+assert close(held_metrics["tpot_ms"]["mean"], metrics["tpot_ms"]["mean"]), "the viewer's hold is not counted"
+assert replay.last == metrics["steps"], "one frame per step, after the frame before the first"
 end = replay.seek(replay.last)
 assert end.page_map() == {} and len(end.with_status("finished")) == 12, "the run ends with every page free"
 assert max(len(o) for o in replay.seek(AT).page_owners) >= 1

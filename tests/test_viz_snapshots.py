@@ -1,5 +1,6 @@
 """Snapshot tests of the visualizer (pytest-textual-snapshot): the whole app at 80x24 and 200x50, the
-light theme, the help screen, and each panel alone at a fixed size, all replaying the committed
+light theme, the help screen, and each panel alone at a fixed size (the KV pages also in a pool of 4096
+pages, zoomed to the ones in use), all replaying the committed
 fixture log tests/viz_run.jsonl (fixed timestamps) at a step with preemptions, shared pages and
 device gaps in view.
 
@@ -7,6 +8,7 @@ After an intended change of the look: `pytest tests/test_viz_snapshots.py --snap
 look at the SVGs under tests/__snapshots__/ (or the HTML report pytest writes on failure).
 """
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -52,19 +54,23 @@ def test_help_screen(snap_compare):
 
 
 class PanelApp(App):
-    """One panel alone, bordered as in the app, showing the fixture at step AT."""
+    """One panel alone, bordered as in the app, showing the fixture at step AT (in a pool of `num_blocks`)."""
 
     CSS = "#panel { border: round $primary; height: 1fr; }"
 
-    def __init__(self, panel):
+    def __init__(self, panel, num_blocks: int | None = None):
         super().__init__()
         self.panel = panel(id="panel")
+        self.num_blocks = num_blocks
 
     def compose(self):
         yield self.panel
 
     def on_mount(self):
-        replay = Replay(read_jsonl(FIXTURE))
+        events = read_jsonl(FIXTURE)
+        if self.num_blocks:
+            events[0] = dataclasses.replace(events[0], num_blocks=self.num_blocks)
+        replay = Replay(events)
         if isinstance(self.panel, Timeline):
             self.panel.total_steps = replay.num_steps
         self.panel.show(replay.seek(AT))
@@ -77,3 +83,7 @@ class PanelApp(App):
 )
 def test_panel(snap_compare, panel, size):
     assert snap_compare(PanelApp(panel), terminal_size=size)
+
+
+def test_kv_pages_of_a_large_pool_zoom_to_the_pages_in_use(snap_compare):
+    assert snap_compare(PanelApp(KVPages, num_blocks=4096), terminal_size=(34, 8))

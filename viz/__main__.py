@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         print(f"wrote {args.screenshot}")
         return 0
     app.run()
-    return 0
+    return app.return_code or 0  # 1 when the app itself failed (Textual has printed why)
 
 
 def render_svg(app, size: tuple[int, int]) -> str:

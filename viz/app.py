@@ -7,9 +7,11 @@ Both modes feed the same recorded events into one RunState (viz/state.py), which
 the scheduler timeline, the KV page pool, CPU vs device lanes, queues and metrics. Live, the engine's
 worker posts an immutable Progress after every step (a newer one replaces a queued older one) and the
 UI redraws on a timer, at most `fps` times a second; the engine never waits for the UI.
+
+What a key does is the controller's (viz/control.py): LiveControl while the engine runs, ReplayControl
+for a log, and for a live run once it has ended; each action below is one call to it.
 """
 
-import time
 from pathlib import Path
 
 from textual.app import App, ComposeResult
@@ -17,7 +19,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer
 
-from viz.live import SPEEDS, EngineDriver, Pacer, Progress
+from viz.control import END, UI_CPU_SHARE, LiveControl, ReplayControl
 from viz.messages import EngineProgress
 from viz.replay import Replay
 from viz.state import RunState
@@ -30,13 +32,12 @@ from viz.widgets.status import StatusBar
 from viz.widgets.timeline import LEGEND as TIMELINE_LEGEND
 from viz.widgets.timeline import Timeline
 
-REPLAY_SPEED = 20  # steps per second when a replay plays
-UI_CPU_SHARE = 0.05  # at full speed, the UI may use this share of one core: the engine keeps the rest
-
 
 class VizApp(App):
     """Give it `llm` (live: requests already added, the app drives `llm.run()`) or `events` (replay).
 
+    `speed` in steps/s: live, None opens at a pace a person can follow (viz.live.LIVE_SPEED) and
+    math.inf runs as fast as the engine can; a replay plays at 20 steps/s unless told otherwise.
     A live run that has ended can be explored like a replay: step back, jump to the start, play it again.
     """
 
@@ -45,9 +46,8 @@ class VizApp(App):
     ENABLE_COMMAND_PALETTE = False
     BINDINGS = [
         Binding("space", "toggle_pause", "pause"),
-        Binding("n", "step", "step"),
-        Binding("b,left", "back", "back", show=False, priority=True),
-        Binding("right", "step", "step", show=False, priority=True),
+        Binding("n,right", "step", "step", key_display="n/→", priority=True),
+        Binding("left,b", "back", "back", key_display="←/b", priority=True),  # shown where one can go back
         Binding("home,g", "seek_start", "start", show=False),
         Binding("end,G", "seek_end", "end", show=False),
         Binding("plus,equals_sign", "faster", "faster", key_display="+"),
@@ -57,6 +57,7 @@ class VizApp(App):
         Binding("d", "toggle_dark", "theme", show=False),
         Binding("question_mark", "help", "help", key_display="?"),
         Binding("q", "quit", "quit"),
+        Binding("ctrl+c", "quit", "quit", show=False, priority=True),
     ]
 
     def __init__(
@@ -76,34 +77,24 @@ class VizApp(App):
         super().__init__()
         if (llm is None) == (events is None):
             raise ValueError("VizApp needs either llm (live) or events (replay)")
-        self.live = llm is not None
-        self.source_name = name
         self.fps = fps
-        self.ui_cpu_share = ui_cpu_share
-        self._mark = (time.perf_counter(), time.thread_time())  # (wall, UI CPU) at the last frame drawn
         self.exit_when_done = exit_when_done
         self.screenshot_dir = Path(screenshot_dir)
-        self.replay: Replay | None = None  # set for a replay, and for a live run once it has ended
-        self.playing = False  # a replay playing itself
-        self.speed = REPLAY_SPEED if speed is None else speed  # a replay's steps/s
-        self._frames_due = 0.0
-        if self.live:
-            self.events = llm.recorder.events  # only grows; the worker says how far it is safe to read
-            self.pacer = Pacer(speed, paused)
-            self.driver = EngineDriver(llm, self.pacer, post=lambda p: self.post_message(EngineProgress(p)))
-            self.progress = Progress(0, 0)
-            self.state = RunState()
+        self.mode = "live" if llm is not None else f"replay {name}".rstrip()
+        self.driver = None  # live: the engine's driver, which run_live asks how the run went
+        if llm is not None:
+            post = lambda progress: self.post_message(EngineProgress(progress))
+            self.control = LiveControl(llm, post, speed=speed, paused=paused, ui_cpu_share=ui_cpu_share)
+            self.driver = self.control.driver
         else:
-            self.events = events
-            self.replay = Replay(events)
-            self.playing = not paused
-            frame = self.replay.last if at == "end" else 0 if at == "start" else int(at)
-            self.state = self.replay.seek(frame)
+            replay = Replay(events)
+            frame = END if at == "end" else 0 if at == "start" else int(at)
+            self.control = ReplayControl(replay, speed=speed, playing=not paused, at=frame)
         self._shown = None  # what was drawn last: (state, version, play label)
 
     @property
-    def engine_running(self) -> bool:
-        return self.live and not self.progress.done
+    def state(self) -> RunState:
+        return self.control.state
 
     # --- layout -----------------------------------------------------------------------------------
 
@@ -121,151 +112,77 @@ class VizApp(App):
     def on_mount(self):
         timeline = self.query_one(Timeline)
         timeline.border_title, timeline.border_subtitle = "Timeline: steps →, requests ↓", TIMELINE_LEGEND
-        if self.replay is not None:
-            timeline.total_steps = self.replay.num_steps
+        timeline.total_steps = self.control.total_steps
         self.query_one(Metrics).border_title = "Queues & metrics"
         self.query_one(KVPages).border_title = "KV pages"
         self._draw()
         self.set_interval(1 / self.fps, self._tick)
-        if self.live:
+        if self.driver is not None:
             self.run_worker(self.driver.run, name="engine", thread=True, exit_on_error=False)
 
     # --- the frame loop ---------------------------------------------------------------------------
 
     def on_engine_progress(self, message: EngineProgress):
-        self.progress = message.progress
-        if not self.progress.done:
+        progress = message.progress
+        self.control.report(progress)
+        if not progress.done:
             return
-        self._catch_up()
-        # the run is over: from here on it is a recorded run, explorable like a replay
-        self.replay = Replay(self.events[: self.state.num_events], state=self.state)
+        self.control = self.control.ended()  # a recorded run from here on: seek back, play it again
+        self.refresh_bindings()
         self._draw()
         if self.exit_when_done:
             self.exit()
-        elif self.progress.error:
-            self.push_screen(ErrorScreen(self.progress.error))
-
-    def _catch_up(self):
-        """Apply the events the engine has reported so far (live)."""
-        n = self.progress.num_events
-        if n > self.state.num_events:
-            self.state.apply_all(self.events[self.state.num_events : n])
-        self.state.done = self.progress.done
-
-    def _over_budget(self) -> bool:
-        """While the engine runs at full speed, skip frames until the UI's CPU since the last frame (its
-        drawing included) is within its share of the wall time: Python threads share one interpreter lock,
-        and every cycle the UI spends is one the engine's Python side waits for."""
-        if not self.engine_running or self.pacer.paused or self.pacer.speed is not None:
-            return False
-        wall, cpu = self._mark
-        return time.thread_time() - cpu > self.ui_cpu_share * (time.perf_counter() - wall)
+        elif progress.error:
+            self.push_screen(ErrorScreen(progress.error))
 
     def _tick(self):
-        if self.engine_running:
-            if self._over_budget():
-                return
-            self._mark = (time.perf_counter(), time.thread_time())
-            self._catch_up()
-            self.driver.want()
-        elif self.playing:
-            self._frames_due += self.speed / self.fps
-            if self._frames_due >= 1:
-                whole = int(self._frames_due)
-                self._frames_due -= whole
-                self._seek(self.replay.frame + whole)
-                if self.replay.frame == self.replay.last:
-                    self.playing = False
-        self._draw()
-
-    def _seek(self, frame: int):
-        self.state = self.replay.seek(frame)
+        if self.control.tick(1 / self.fps):
+            self._draw()
 
     def _draw(self):
-        key = (id(self.state), self.state.version, self._play_label())
+        key = (id(self.state), self.state.version, self.control.label)
         if key == self._shown:
             return
         self._shown = key
         for widget in (self.query_one(Timeline), self.query_one(Lanes), self.query_one(KVPages)):
             widget.show(self.state)
         self.query_one(Metrics).show(self.state)
-        self._status()
-
-    def _play_label(self) -> str:
-        if self.engine_running:
-            return "paused" if self.pacer.paused else "▶ " + self.pacer.speed_label()
-        if self.playing:
-            return f"▶ {self.speed:g} steps/s"
-        if self.replay.frame < self.replay.last:
-            return "paused"
-        if self.live:
-            return "failed" if self.progress.error else "finished" if self.driver.finished else "stopped"
-        return "end of log"
-
-    def _status(self):
-        st = self.state
+        st, c = self.state, self.control
         done = f"{sum(r.finished for r in st.requests.values())}/{len(st.requests)} done"
-        mode = "live" if self.live else f"replay {self.source_name}".rstrip()
-        # live: steps completed (their tokens appended; the timeline may show one more in flight)
-        step = f"{self.progress.steps}" if self.engine_running else f"{self.replay.frame}/{self.replay.last}"
-        self.query_one(StatusBar).set_status(mode=mode, config=st.config, step=step, play=self._play_label(), done=done)
+        self.query_one(StatusBar).set_status(mode=self.mode, config=st.config, step=c.position, play=c.label, done=done)
 
-    # --- keys -------------------------------------------------------------------------------------
+    # --- keys: each one command of the controller, live or replay ---------------------------------
+
+    def _do(self, command, *args):
+        note = command(*args)
+        if note:
+            self.notify(note)
+        self._draw()
+
+    def check_action(self, action: str, parameters) -> bool:
+        return action != "back" or self.control.can_seek  # the footer offers going back where one can
 
     def action_toggle_pause(self):
-        if self.engine_running:
-            self.pacer.toggle()
-        elif self.replay.frame == self.replay.last:
-            self._seek(0)  # play it again from the start
-            self.playing = True
-        else:
-            self.playing = not self.playing
-        self._draw()
+        self._do(self.control.toggle)
 
     def action_step(self):
-        if self.engine_running:
-            self.pacer.step()
-        else:
-            self.playing = False
-            self._seek(self.replay.frame + 1)
-        self._draw()
+        self._do(self.control.step, +1)
 
     def action_back(self):
-        if self.engine_running:
-            self.notify("a live run only goes forward; once it ends you can step back through it")
-            return
-        self.playing = False
-        self._seek(self.replay.frame - 1)
-        self._draw()
+        self._do(self.control.step, -1)
 
     def action_seek_start(self):
-        if not self.engine_running:
-            self.playing = False
-            self._seek(0)
-            self._draw()
+        self._do(self.control.seek, 0)
 
     def action_seek_end(self):
-        if not self.engine_running:
-            self.playing = False
-            self._seek(self.replay.last)
-            self._draw()
+        self._do(self.control.seek, END)
         self.query_one(Timeline).set_follow(True)
 
     def action_faster(self):
-        self._change_speed(+1)
+        self._do(self.control.speed, +1)
 
     def action_slower(self):
-        self._change_speed(-1)
-
-    def _change_speed(self, d: int):
-        if self.engine_running:
-            self.pacer.faster() if d > 0 else self.pacer.slower()
-        else:
-            finite = [s for s in SPEEDS if s is not None]
-            i = min(range(len(finite)), key=lambda k: abs(finite[k] - self.speed))
-            self.speed = finite[max(0, min(len(finite) - 1, i + d))]
-        self._shown = None
-        self._draw()
+        self._do(self.control.speed, -1)
 
     def action_follow(self):
         timeline = self.query_one(Timeline)
@@ -273,7 +190,7 @@ class VizApp(App):
 
     def action_screenshot(self):
         self.screenshot_dir.mkdir(parents=True, exist_ok=True)
-        name = f"nanoserve-{'live' if self.live else 'replay'}-step{self.state.num_steps}.svg"
+        name = f"nanoserve-{self.mode.split()[0]}-step{self.state.num_steps}.svg"
         path = self.save_screenshot(name, str(self.screenshot_dir))
         self.notify(f"screenshot saved: {path}")
 
@@ -281,13 +198,12 @@ class VizApp(App):
         self.push_screen(HelpScreen())
 
     async def action_quit(self):
-        if self.live:
-            self.pacer.stop()  # the worker returns at its next step boundary
+        self.control.stop()
         self.exit()
 
     def on_unmount(self):
-        if self.live:
-            self.pacer.stop()  # however the app ends, a paused engine thread must not wait forever
+        if self.driver is not None:
+            self.driver.pacer.stop()  # however the app ends, a paused engine thread must not wait forever
 
 
 def run_live(
@@ -296,18 +212,21 @@ def run_live(
     """Run `llm`'s queued requests under the live visualizer; returns True if the run finished.
 
     Call it after `llm.add_request(...)`, instead of iterating `llm.run()`: the app drives the engine in
-    a thread worker, one step per `next()`, paced by `speed` (steps/s, None: full speed) and the keys.
-    Returns when the user quits (or, with `exit_when_done`, as soon as the run ends). An exception from
-    the engine is shown, then raised here. Returns False if the user quit before the run finished.
+    a thread worker, one step per `next()`, paced by `speed` (steps/s; None: LIVE_SPEED, a pace a person
+    can follow; math.inf: full speed) and the keys. The metrics are the engine's whatever the pace: the
+    time the viewer held the engine is not counted. Returns when the user quits (q or ctrl+c) or, with
+    `exit_when_done`, as soon as the run ends. An exception from the engine is shown, then raised here.
+    Returns False if the user quit before the run finished.
 
         llm = LLM(...); [llm.add_request(p, sp) for p in prompts]
         finished = run_live(llm)        # then llm.metrics(), llm.recorder.write_jsonl(...) as usual
     """
     app = VizApp(llm, speed=speed, paused=paused, exit_when_done=exit_when_done, **kw)
     app.run(headless=headless)
-    app.pacer.stop()
-    if app.driver.started.is_set():
-        app.driver.stopped.wait()  # the engine thread is off llm before the caller touches it
-    if app.driver.error is not None:
-        raise app.driver.error
-    return app.driver.finished
+    driver = app.driver
+    driver.pacer.stop()
+    if driver.started.is_set():
+        driver.stopped.wait()  # the engine thread is off llm before the caller touches it
+    if driver.error is not None:
+        raise driver.error
+    return driver.finished

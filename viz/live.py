@@ -6,28 +6,32 @@ engine work up to one step's update) and, between two calls, may hold the engine
 step at a time, or paced to a speed a human can follow. Those holds are recorded as
 `Span(lane="viewer", name="paused")`, so the lanes and metrics can cut them out of the time axis.
 
-    >>> p = Pacer(speed=None)
+    >>> p = Pacer(speed=MAX)
     >>> p.wait(), p.speed_label()                     # at full speed nothing waits
     (True, 'max')
     >>> p.slower(); p.speed_label()
     '500 steps/s'
 """
 
+import math
 import threading
 import time
 import traceback
 from dataclasses import dataclass
 
-from viz.state import VIEWER_LANE
-from viz.trace import Span
+from viz.trace import VIEWER_LANE, Span
 
-SPEEDS = (1, 2, 5, 10, 20, 50, 100, 200, 500, None)  # steps per second; None: as fast as the engine runs
+MAX = math.inf  # steps per second: as fast as the engine runs
+SPEEDS = (1, 2, 5, 10, 20, 50, 100, 200, 500, MAX)  # what + and - step through
+LIVE_SPEED = 10  # a live run opens at this pace, one a person can follow, unless told otherwise
 
 
 class Pacer:
     """When may the engine take its next step? Thread-safe: the UI sets, the engine thread waits."""
 
-    def __init__(self, speed: float | None = None, paused: bool = False):
+    def __init__(self, speed: float = MAX, paused: bool = False):
+        if not speed > 0:  # NaN too
+            raise ValueError(f"a speed of {speed} steps/s; give a positive number, or inf for as fast as it runs")
         self.speed = speed
         self.paused = paused
         self.stopped = False
@@ -47,8 +51,8 @@ class Pacer:
                         break
                     self._cv.wait()
                     continue
-                if self.speed is not None and self._last is not None:
-                    left = self._last + 1.0 / self.speed - time.perf_counter()
+                if self._last is not None:
+                    left = self._last + 1.0 / self.speed - time.perf_counter()  # 1 / MAX: no wait
                     if left > 0:
                         self._cv.wait(left)  # woken early when the speed or pause changes
                         continue
@@ -82,12 +86,10 @@ class Pacer:
         self._set(speed=SPEEDS[max(SPEEDS.index(self._nearest()) - 1, 0)])
 
     def _nearest(self):
-        if self.speed in SPEEDS:
-            return self.speed
-        return next((s for s in SPEEDS if s is not None and s >= self.speed), None)
+        return next(s for s in SPEEDS if s >= self.speed)
 
     def speed_label(self) -> str:
-        return "max" if self.speed is None else f"{self.speed:g} steps/s"
+        return "max" if self.speed == MAX else f"{self.speed:g} steps/s"
 
 
 @dataclass(frozen=True)

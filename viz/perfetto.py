@@ -62,89 +62,22 @@ def to_perfetto(events) -> dict:
     """The `traceEvents` JSON object of a run (see the module docstring for what goes where)."""
     out, lanes, device_steps = [], {}, {}
     state = RunState()  # the page and queue counters, computed as the viewer computes them
-    open_requests: dict[str, int] = {}
-    t_last = 0
-    title = "nanoserve"
+    open_requests: dict[str, int] = {}  # request id -> when it arrived (ns)
     for e in events:
         state.apply(e)
-        ts = _ns(e.t)
-        t_last = max(t_last, _ns(getattr(e, "end", e.t)))
-        if isinstance(e, RunInfo):
-            sched = e.config.get("sched")
-            title = f"nanoserve ({sched} scheduler)" if sched else title
-            continue
         if isinstance(e, Span):
-            lanes.setdefault(e.lane, []).append((ts, _ns(e.end), e.name, {"step": e.step}))
-            if e.lane.startswith("device"):  # "device", or "device/k" for pipeline stage k
-                lo, hi = device_steps.get((e.lane, e.step), (ts, ts))
-                device_steps[e.lane, e.step] = (min(lo, ts), max(hi, _ns(e.end)))
-        elif isinstance(e, RequestArrived):
-            open_requests[e.request_id] = ts
-            args = {"prompt_tokens": e.num_prompt_tokens}
-            out.append(dict(ph="b", cat="request", name=f"request {e.request_id}", id=e.request_id, ts=ts, args=args))
-        elif isinstance(e, FirstToken) and e.request_id in open_requests:
-            out.append(dict(ph="n", cat="request", name="first token", id=e.request_id, ts=ts))
-        elif isinstance(e, RequestFinished):
-            if e.request_id not in open_requests:  # failed before it arrived: a zero-length span
-                out.append(dict(ph="b", cat="request", name=f"request {e.request_id}", id=e.request_id, ts=ts))
-            open_requests.pop(e.request_id, None)
-            args = {"reason": e.reason, "output_tokens": e.num_output_tokens}
-            if e.error:
-                args["error"] = e.error
-            out.append(dict(ph="e", cat="request", name=f"request {e.request_id}", id=e.request_id, ts=ts, args=args))
-        elif isinstance(e, Pages):
-            args = {
-                "used": state.num_used_pages,
-                "cached_free": state.num_cached_free_pages,
-                "free": state.num_free_pages - state.num_cached_free_pages,
-            }
-            out.append(dict(ph="C", cat="kv", name="KV pages", ts=ts, args=args))
-        elif isinstance(e, StepScheduled):
-            out.append(
-                dict(
-                    ph="C",
-                    cat="queue",
-                    name="requests",
-                    ts=ts,
-                    args={"running": e.num_running, "waiting": e.num_waiting},
-                )
-            )
-            prefill = sum(n for n, p in zip(e.num_tokens, e.is_prefill) if p)
-            args = {"prefill": prefill, "decode": sum(e.num_tokens) - prefill}
-            out.append(dict(ph="C", cat="step", name="tokens per step", ts=ts, args=args))
-        elif isinstance(e, Preempted):
-            out.append(
-                dict(ph="i", s="t", cat="kv", name=f"preempt request {e.request_id}", ts=ts, tid=LANE_TIDS["cpu"])
-            )
-        elif isinstance(e, Discarded):
-            name = f"discard token of request {e.request_id}"
-            out.append(dict(ph="i", s="t", cat="step", name=name, ts=ts, tid=LANE_TIDS["cpu"]))
+            _add_span(e, lanes, device_steps)
+        else:
+            out += _request_events(e, open_requests) + _counter_events(e, state)
+    t_last = max((_ns(getattr(e, "end", e.t)) for e in events), default=0)
     for rid in open_requests:  # the log ends before these finished (stopped early or truncated)
         out.append(dict(ph="e", cat="request", name=f"request {rid}", id=rid, ts=t_last, args={"unfinished": True}))
-    for lane in {lane for lane, _ in device_steps}:  # a parent per step around its forward and sample
-        parents = [
-            (lo, hi, f"step {step}", {"step": step}) for (ln, step), (lo, hi) in device_steps.items() if ln == lane
-        ]
-        lanes[lane] = parents + lanes[lane]  # first: a parent wins ties with its child
-
-    meta = [dict(ph="M", name="process_name", pid=PID, tid=0, ts=0, args={"name": title})]
-    next_tid = 20
-    for lane in sorted(lanes, key=lambda n: (LANE_TIDS.get(n.split("/")[0], 99), n)):
-        family, _, stage = lane.partition("/")  # "device/1": pipeline stage 1 of the device
-        if lane in LANE_TIDS:
-            base = LANE_TIDS[lane]
-        elif family == "device" and stage.isdigit():
-            base = 10 + int(stage)
-        else:
-            base, next_tid = next_tid, next_tid + 1
-        title = LANE_NAMES.get(lane) or (f"device stage {stage}" if family == "device" else lane)
-        for k, track in enumerate(_place(lanes[lane])):
-            tid = base if k == 0 else base + 100 * k
-            name = title + (f" ({k + 1})" if k else "")
-            meta.append(dict(ph="M", name="thread_name", pid=PID, tid=tid, ts=0, args={"name": name}))
-            meta.append(dict(ph="M", name="thread_sort_index", pid=PID, tid=tid, ts=0, args={"sort_index": tid}))
-            for s, e, name, args in track:
-                out.append(dict(ph="X", cat=family, name=name, ts=s, dur=e - s, tid=tid, args={**args, "lane": lane}))
+    for (lane, step), (lo, hi) in device_steps.items():  # a parent per step around its forward and sample
+        lanes[lane].insert(0, (lo, hi, f"step {step}", {"step": step}))  # first: a parent wins ties with its child
+    info = next((e for e in reversed(events) if isinstance(e, RunInfo)), None)
+    sched = info.config.get("sched") if info else None
+    meta, spans = _tracks(lanes, f"nanoserve ({sched} scheduler)" if sched else "nanoserve")
+    out += spans
     for ev in out:
         ev.setdefault("pid", PID)
         ev.setdefault("tid", 0)
@@ -153,6 +86,78 @@ def to_perfetto(events) -> dict:
             ev["dur"] = _us(ev["dur"])
     out.sort(key=lambda ev: (ev["ts"], -ev.get("dur", 0)))
     return {"traceEvents": meta + out, "displayTimeUnit": "ms"}
+
+
+def _add_span(e: Span, lanes: dict, device_steps: dict):
+    ts, end = _ns(e.t), _ns(e.end)
+    lanes.setdefault(e.lane, []).append((ts, end, e.name, {"step": e.step}))
+    if e.lane.startswith("device"):  # "device", or "device/k" for pipeline stage k
+        lo, hi = device_steps.get((e.lane, e.step), (ts, ts))
+        device_steps[e.lane, e.step] = (min(lo, ts), max(hi, end))
+
+
+def _request_events(e, open_requests: dict[str, int]) -> list[dict]:
+    """A request's async span: begun when it arrives, a mark at its first token, ended when it finishes."""
+    ts, rid = _ns(e.t), getattr(e, "request_id", None)
+    span = dict(cat="request", name=f"request {rid}", id=rid, ts=ts)
+    if isinstance(e, RequestArrived):
+        open_requests[rid] = ts
+        return [dict(span, ph="b", args={"prompt_tokens": e.num_prompt_tokens})]
+    if isinstance(e, FirstToken) and rid in open_requests:
+        return [dict(span, ph="n", name="first token")]
+    if isinstance(e, RequestFinished):
+        begin = [] if rid in open_requests else [dict(span, ph="b")]  # failed before it arrived: zero length
+        open_requests.pop(rid, None)
+        args = {"reason": e.reason, "output_tokens": e.num_output_tokens} | ({"error": e.error} if e.error else {})
+        return begin + [dict(span, ph="e", args=args)]
+    return []
+
+
+def _counter_events(e, state: RunState) -> list[dict]:
+    """KV pages and queue lengths as counters; preemptions and discarded tokens as instant events."""
+    ts = _ns(e.t)
+    if isinstance(e, Pages):
+        cached = state.num_cached_free_pages
+        args = {"used": state.num_used_pages, "cached_free": cached, "free": state.num_free_pages - cached}
+        return [dict(ph="C", cat="kv", name="KV pages", ts=ts, args=args)]
+    if isinstance(e, StepScheduled):
+        prefill = sum(n for n, p in zip(e.num_tokens, e.is_prefill) if p)
+        queues = {"running": e.num_running, "waiting": e.num_waiting}
+        tokens = {"prefill": prefill, "decode": sum(e.num_tokens) - prefill}
+        return [
+            dict(ph="C", cat="queue", name="requests", ts=ts, args=queues),
+            dict(ph="C", cat="step", name="tokens per step", ts=ts, args=tokens),
+        ]
+    if isinstance(e, Preempted):
+        return [dict(ph="i", s="t", cat="kv", name=f"preempt request {e.request_id}", ts=ts, tid=LANE_TIDS["cpu"])]
+    if isinstance(e, Discarded):
+        name = f"discard token of request {e.request_id}"
+        return [dict(ph="i", s="t", cat="step", name=name, ts=ts, tid=LANE_TIDS["cpu"])]
+    return []
+
+
+def _tracks(lanes: dict, title: str) -> tuple[list[dict], list[dict]]:
+    """(metadata naming the process and every track, the complete events): a lane's spans go on as many
+    tracks as they need to nest."""
+    meta = [dict(ph="M", name="process_name", pid=PID, tid=0, ts=0, args={"name": title})]
+    out, next_tid = [], 20
+    for lane in sorted(lanes, key=lambda n: (LANE_TIDS.get(n.split("/")[0], 99), n)):
+        family, _, stage = lane.partition("/")  # "device/1": pipeline stage 1 of the device
+        if lane in LANE_TIDS:
+            base = LANE_TIDS[lane]
+        elif family == "device" and stage.isdigit():
+            base = 10 + int(stage)
+        else:
+            base, next_tid = next_tid, next_tid + 1
+        lane_title = LANE_NAMES.get(lane) or (f"device stage {stage}" if family == "device" else lane)
+        for k, track in enumerate(_place(lanes[lane])):
+            tid = base if k == 0 else base + 100 * k
+            name = lane_title + (f" ({k + 1})" if k else "")
+            meta.append(dict(ph="M", name="thread_name", pid=PID, tid=tid, ts=0, args={"name": name}))
+            meta.append(dict(ph="M", name="thread_sort_index", pid=PID, tid=tid, ts=0, args={"sort_index": tid}))
+            for s, e, name, args in track:
+                out.append(dict(ph="X", cat=family, name=name, ts=s, dur=e - s, tid=tid, args={**args, "lane": lane}))
+    return meta, out
 
 
 def write_perfetto(events, path):

@@ -1,9 +1,11 @@
 """Replaying a step log (`--trace RUN.jsonl`): the recorded events cut into one frame per engine step.
 
 Frame k holds the events up to the end of step k's update, the moment the live engine's generator
-yielded after that step; frame 0 is the run before its first step, the last frame is the whole log.
-Seeking back rebuilds the state from the start, so every frame is exactly what applying that prefix
-of the log gives, the same state a live viewer showed at that step.
+yielded after that step; frame 0 is the run before its first step. Events after the last update
+that are no step (the finished run's last holds of the viewer) belong to the last frame, so a log of
+N steps has frames 0..N, as the summary's `steps N` says. Seeking back rebuilds the state from the
+start, so every frame is exactly what applying that prefix of the log gives, the same state a live
+viewer showed at that step.
 
     >>> from viz.trace import RunInfo, Span, StepScheduled
     >>> ev = [RunInfo(0.0, 4, 2), StepScheduled(0.1, 0, [], [], []), Span(0.1, 0.2, "cpu", "update", 0)]
@@ -12,18 +14,24 @@ of the log gives, the same state a live viewer showed at that step.
 """
 
 from viz.state import RunState
+from viz.trace import Pages, Preempted, Span, StepScheduled
+
+STEPPING = (Pages, Preempted, StepScheduled, Span)  # the scheduler at work (not arrivals, not the run's info)
+
+
+def is_update(e) -> bool:
+    """The end of a step: its tokens reached their requests."""
+    return isinstance(e, Span) and e.lane == "cpu" and e.name == "update"
 
 
 def frame_ends(events) -> list[int]:
     """Event counts at which the replay can stop: before the first step, after each update, the end."""
-    stepping = ("Pages", "Preempted", "StepScheduled", "Span")  # the scheduler at work (not arrivals)
-    first = next((i for i, e in enumerate(events) if type(e).__name__ in stepping), len(events))
-    ends = [first]
-    for i, e in enumerate(events):
-        if type(e).__name__ == "Span" and e.lane == "cpu" and e.name == "update" and i + 1 > ends[-1]:
-            ends.append(i + 1)
-    if ends[-1] != len(events):
+    first = next((i for i, e in enumerate(events) if isinstance(e, STEPPING)), len(events))
+    ends = [first] + [i + 1 for i, e in enumerate(events) if is_update(e) and i + 1 > first]
+    trailing = events[ends[-1] :]
+    if any(isinstance(e, StepScheduled) for e in trailing):  # a step begun, never updated (a stopped run)
         ends.append(len(events))
+    ends[-1] = len(events)
     return ends
 
 
@@ -37,7 +45,7 @@ class Replay:
     def __init__(self, events: list, state: RunState | None = None):
         self.events = events
         self.frames = frame_ends(events)
-        self.num_steps = sum(type(e).__name__ == "StepScheduled" for e in events)
+        self.num_steps = sum(isinstance(e, StepScheduled) for e in events)
         if state is not None and state.num_events == len(events):
             self.state, self.frame = state, self.last
         else:

@@ -11,15 +11,16 @@ step (the timeline), the CPU and device spans (the lanes) and the metrics so far
     >>> st.page_map(), st.requests["a"].cells[0] == Cell.PREFILL, st.num_free_pages
     ({0: ('a',), 1: ('a',)}, True, 2)
 
-A viewer that paces or pauses the engine records its pauses as `Span(lane="viewer", name="paused")`;
-the time the device sat idle during them is cut out of the lanes' time axis and of the metrics here
-(`active`), so a slowed-down run still shows the engine's own gaps and throughput.
+A viewer that paces or pauses the engine records its holds as `Span(lane="viewer", name="paused")`;
+the metrics and the lanes' time axis run on the engine's clock (`viz.trace.EngineClock`), which cuts
+them out, so a slowed-down run still shows the engine's own gaps and throughput.
 """
 
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
 from viz.trace import (
+    VIEWER_LANE,
     Discarded,
     FirstToken,
     Pages,
@@ -27,12 +28,12 @@ from viz.trace import (
     RequestArrived,
     RequestFinished,
     RunInfo,
+    RunMetrics,
     Span,
     StepScheduled,
-    busy_time,
 )
 
-VIEWER_LANE = "viewer"  # spans the visualizer itself records: the engine was held (paused, paced)
+__all__ = ["VIEWER_LANE", "Cell", "RequestState", "RunState", "SpanList", "StepInfo"]
 
 
 class Cell:
@@ -112,17 +113,14 @@ class SpanList:
         """Indices of spans that may overlap [t0, t1] (every one that does is in the range)."""
         return range(bisect_right(self.max_end, t0), bisect_left(self.starts, t1) if self.starts else 0)
 
-    def overlap(self, t0: float, t1: float) -> float:
-        """Total length of this lane's spans inside [t0, t1] (spans of one lane never overlap)."""
-        return sum(max(0.0, min(self.ends[i], t1) - max(self.starts[i], t0)) for i in self.window(t0, t1))
-
 
 class RunState:
     """Everything the panels draw, updated one event at a time.
 
     Pages: `page_owners[p]` is the tuple of requests holding page p (two or more: a shared prefix
     page); `page_cached[p]` is 1 when the page is named in the prefix cache, so a page with no owner
-    but a name is *cached-free*: free to reuse, still worth a hit.
+    but a name is *cached-free*: free to reuse, still worth a hit. `touched` is the range of pages the
+    run has used so far: every page outside it is free and always was.
     """
 
     def __init__(self):
@@ -134,6 +132,8 @@ class RunState:
         self.page_cached = bytearray()
         self.num_used_pages = 0
         self.num_cached_free_pages = 0
+        self.num_shared_pages = 0
+        self.touched = range(0)
         self.tables: dict[str, list[int]] = {}
         self.requests: dict[str, RequestState] = {}  # arrival order
         self.live: dict[str, RequestState] = {}  # arrived, not finished
@@ -142,16 +142,19 @@ class RunState:
         self.steps_by_number: dict[int, StepInfo] = {}
         self.num_steps = 0  # the next step's number
         self.step_started: dict[int, float] = {}  # step -> when its schedule span began
-        self.lanes: dict[str, SpanList] = {"cpu": SpanList(), "device": SpanList(), VIEWER_LANE: SpanList()}
+        self.lanes: dict[str, SpanList] = {"cpu": SpanList(), "device": SpanList()}
+        self.run_metrics = RunMetrics()  # the summary's computation, fed as the events come
+        self.clock = self.run_metrics.clock  # the engine's time: the viewer's holds cut out
         self.preemptions = 0
         self.discarded = 0
         self.num_output_tokens = 0
+        self.num_first_tokens = 0
+        self.longest_id = 0  # characters of the longest request id
         self.t_start: float | None = None  # the first arrival
         self.t_now = 0.0  # the latest time any event mentions
         self.done = False  # set by the viewer when the run has ended (no more events will come)
         self._preempted_now: set[str] = set()
         self._discarded_at: dict[int, set[str]] = {}
-        self._paused_cum = [0.0]  # paused time of the first k viewer spans, once they are final
         self._handlers = {
             RunInfo: self._run_info,
             RequestArrived: self._arrived,
@@ -168,6 +171,7 @@ class RunState:
 
     def apply(self, event):
         self._handlers[type(event)](event)
+        self.run_metrics.add(event)
         self.t_now = max(self.t_now, getattr(event, "end", event.t))
         self.num_events += 1
         self.version += 1
@@ -192,6 +196,7 @@ class RunState:
             req = RequestState(request_id, len(self.requests), t, num_prompt_tokens, self.num_steps)
             req.known = num_prompt_tokens
             self.requests[request_id] = req
+            self.longest_id = max(self.longest_id, len(request_id))
         return req
 
     def _arrived(self, e: RequestArrived):
@@ -200,10 +205,15 @@ class RunState:
         self.t_start = e.t if self.t_start is None else min(self.t_start, e.t)
 
     def _set_page(self, p: int, owners: tuple[str, ...], cached: int):
-        was_used, was_cached_free = bool(self.page_owners[p]), self.page_cached[p] and not self.page_owners[p]
+        was = self.page_owners[p]
+        was_cached_free = self.page_cached[p] and not was
         self.page_owners[p], self.page_cached[p] = owners, cached
-        self.num_used_pages += bool(owners) - was_used
+        self.num_used_pages += bool(owners) - bool(was)
+        self.num_shared_pages += (len(owners) > 1) - (len(was) > 1)
         self.num_cached_free_pages += bool(cached and not owners) - bool(was_cached_free)
+        if owners or cached:
+            lo, hi = (p, p + 1) if not self.touched else (min(self.touched.start, p), max(self.touched.stop, p + 1))
+            self.touched = range(lo, hi)
 
     def _pages(self, e: Pages):
         self._grow_pages(max(e.pages, default=-1) + 1)
@@ -267,7 +277,8 @@ class RunState:
         self.num_steps = max(self.num_steps, e.step + 1)
 
     def _span(self, e: Span):
-        self.lanes.setdefault(e.lane, SpanList()).add(e)
+        if e.lane != VIEWER_LANE:  # the viewer's holds live in the clock
+            self.lanes.setdefault(e.lane, SpanList()).add(e)
         if e.lane == "cpu" and e.name == "schedule":
             self.step_started[e.step] = e.t
         if e.lane == "cpu" and e.name == "update":  # the step's tokens reached their requests
@@ -281,6 +292,7 @@ class RunState:
 
     def _first_token(self, e: FirstToken):
         self._request(e.request_id).t_first = e.t
+        self.num_first_tokens += 1
 
     def _discarded(self, e: Discarded):
         self._discarded_at.setdefault(e.step, set()).add(e.request_id)
@@ -321,7 +333,7 @@ class RunState:
         pool = self.requests.values() if status == "finished" else self.live.values()
         return [r for r in pool if r.status == status]
 
-    # --- time: the viewer's pauses cut out ------------------------------------------------------
+    # --- time and metrics, on the engine's clock ------------------------------------------------
 
     def device_lanes(self) -> list[str]:
         """The device's lanes: "device", or "device/0", "device/1", ... one per pipeline stage."""
@@ -329,83 +341,12 @@ class RunState:
 
     def device_busy(self, t0: float, t1: float) -> float:
         """Seconds in [t0, t1] when the device (any pipeline stage of it) was busy."""
-        spans = []
-        for name in self.device_lanes():
-            sl = self.lanes[name]
-            spans += [(max(sl.starts[i], t0), min(sl.ends[i], t1)) for i in sl.window(t0, t1)]
-        return busy_time([(s, e) for s, e in spans if e > s])
-
-    def _pause_cut(self, i: int, upto: float = float("inf")) -> float:
-        """How long viewer span i held the engine while the device was idle too (up to time `upto`)."""
-        pace = self.lanes[VIEWER_LANE]
-        a, b = pace.starts[i], min(pace.ends[i], upto)
-        return max(0.0, b - a - self.device_busy(a, b)) if b > a else 0.0
-
-    def paused_before(self, t: float) -> float:
-        """Seconds before t that the viewer held the engine and the device was idle (0 without a viewer)."""
-        pace = self.lanes[VIEWER_LANE]
-        if not len(pace):
-            return 0.0
-        # a pause's cut is final once every device lane has started something after it (or the run is over)
-        lanes = [self.lanes[n] for n in self.device_lanes()]
-        last_dev = min((sl.starts[-1] if len(sl) else float("-inf")) for sl in lanes)
-        k = len(self._paused_cum) - 1
-        while k < len(pace) and (pace.ends[k] <= last_dev or self.done):
-            self._paused_cum.append(self._paused_cum[-1] + self._pause_cut(k))
-            k += 1
-        n = bisect_right(pace.ends, t)  # pauses wholly before t
-        total = self._paused_cum[min(n, k)] + sum(self._pause_cut(i) for i in range(k, n))
-        if n < len(pace) and pace.starts[n] < t:
-            total += self._pause_cut(n, t)
-        return total
-
-    def active(self, t: float) -> float:
-        """Time t on the engine's clock with the viewer's pauses removed."""
-        return t - self.paused_before(t)
-
-    # --- metrics ----------------------------------------------------------------------------------
+        return self.clock.device.within(t0, t1)
 
     def metrics(self) -> dict:
-        """Metrics so far, on the active clock. Once `done` (and without viewer pauses) these are the
-        values `viz.trace.compute_metrics` gives for the same events."""
-        reqs = list(self.requests.values())
-        ok = [r for r in reqs if r.finished and r.reason != "error"]
-        start = self.t_start if self.t_start is not None else 0.0
+        """`viz.trace.compute_metrics` of the events applied so far, by the same computation: once the
+        run is `done`, exactly the summary's numbers; before, those of the run so far (up to `t_now`,
+        counting the tokens delivered to requests still running)."""
         if self.done:
-            end = max((r.t_finished for r in reqs if r.finished and r.t_finished is not None), default=start)
-            out_tokens = sum(r.num_output_tokens for r in ok)
-        else:
-            end = self.t_now
-            out_tokens = self.num_output_tokens
-        wall = max(self.active(end) - self.active(start), 1e-9)
-        act = self.active
-        ttft = [
-            act(r.t_first) - act(r.t_arrived)
-            for r in reqs
-            if r.t_first is not None
-            and r.t_arrived is not None
-            and r.reason != "error"
-            and (r.finished or not self.done)
-        ]
-        tpot = [
-            (act(r.t_finished) - act(r.t_first)) / (r.num_output_tokens - 1)
-            for r in ok
-            if r.t_first is not None and r.num_output_tokens > 1
-        ]
-        busy = self.device_busy(start, end)
-        mean = lambda xs: sum(xs) / len(xs) * 1e3 if xs else None
-        return {
-            "wall_s": wall,
-            "num_output_tokens": out_tokens,
-            "output_throughput": out_tokens / wall,
-            "ttft_ms": mean(ttft),
-            "tpot_ms": mean(tpot),
-            "device_busy_frac": min(1.0, busy / wall) if self.t_start is not None else 0.0,
-            "steps": len(self.steps),
-            "preemptions": self.preemptions,
-            "num_running": sum(r.status == "running" for r in self.live.values()),
-            "num_waiting": sum(r.status == "waiting" for r in self.live.values()),
-            "num_finished": sum(r.finished for r in reqs),
-            "num_errors": sum(r.finished and r.reason == "error" for r in reqs),
-            "paused_s": self.paused_before(self.t_now),
-        }
+            return self.run_metrics.result()
+        return self.run_metrics.result(until=self.t_now, num_output_tokens=self.num_output_tokens)

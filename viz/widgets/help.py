@@ -6,19 +6,21 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from viz.live import LIVE_SPEED
 from viz.widgets.kv_pages import LEGEND as KV_LEGEND
 from viz.widgets.timeline import LEGEND as TIMELINE_LEGEND
 
+TITLE = "nanoserve viz — one engine step at a time"
+CLOSE = "esc, ? or q closes this help"
 HELP = f"""\
-[b]nanoserve viz[/b] — one engine step at a time
-
 [b]Keys[/b]
   space  pause / resume        n  one step (pauses first)
   + / -  faster / slower       f  follow the newest step
   s      screenshot (SVG)      d  dark / light theme
-  ?      this help             q  quit
+  ?      this help             q  quit (or ctrl+c)
   replay, or a live run once it ended: b or ← one step back, → on,
   home / end the first / last step, space plays it again
+  A live run opens at {LIVE_SPEED} steps/s, a pace to follow (--viz-speed N; inf: max)
 
 [b]Timeline[/b]  a column per step, a row per request (its colour everywhere)
   {TIMELINE_LEGEND}
@@ -29,18 +31,18 @@ HELP = f"""\
   {KV_LEGEND}
   Shared pages are prefix-cache hits. Cached-free pages are free, but keep
   their contents: a later hit revives them, an allocation may evict them.
+  A pool too large for the panel shows the pages used so far; the rest are free.
 
 [b]CPU vs device[/b]  the last few steps on one time axis
   [#4c8dff]█[/] schedule  [#b07cd8]█[/] prepare  [#1fb5c4]█[/] update   (CPU)
   [$success]█[/] forward  [#e0a030]█[/] sample   [$error]░[/] idle     (device)
+  ▄ short: spans cover under half the column (its colour: the longest one)
   ┊ where the viewer held the engine (paused, paced): cut out of the axis
   With --sched sync the device waits while the CPU schedules and updates;
   --sched async plans step i+1 while the device runs step i: gaps close.
 
-[b]Queues & metrics[/b]  so far, on the engine's clock (the viewer's holds
-  are not counted), as the summary printed at the end computes them.
-
-[dim]esc, ? or q closes this help[/dim]"""
+[b]Queues & metrics[/b]  so far, the summary's numbers by the summary's code;
+  at any pace: time the viewer held the engine is not counted."""
 
 
 class HelpScreen(ModalScreen):
@@ -55,5 +57,6 @@ class HelpScreen(ModalScreen):
     """
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll():
+        with VerticalScroll() as box:
+            box.border_title, box.border_subtitle = TITLE, CLOSE
             yield Static(HELP)

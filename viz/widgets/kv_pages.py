@@ -3,6 +3,9 @@
 ■ a page in use (the owner's colour), ◆ a page shared by several requests (a prefix-cache hit),
 ○ cached-free (no owner, but still named in the prefix cache: a later hit revives it, an allocation
 may evict it), · free. The first line counts each kind.
+
+A pool too large for the panel (the default 4096 pages, of which a small run uses a few dozen) is
+zoomed to the pages the run has used so far; a second line says which, and that the rest are free.
 """
 
 from rich.segment import Segment
@@ -32,15 +35,15 @@ class KVPages(CachedStyles, ScrollView, can_focus=False):
     def __init__(self, **kw):
         super().__init__(**kw)
         self.state = RunState()
+        self.shown = range(0)  # the pages drawn: the whole pool, or the part the run has used
         self._cache: LRUCache = LRUCache(512)
-        self._shared = 0
 
     def show(self, state: RunState):
         self.state = state
-        self._shared = sum(len(o) > 1 for o in state.page_owners)
         self._cache.clear()
+        self.shown = self._pages_shown()
         cols, _ = self._layout()
-        self.virtual_size = Size(self._width(), 1 + -(-state.num_pages // cols))
+        self.virtual_size = Size(self._width(), self._header_lines() + -(-len(self.shown) // cols))
         self.refresh()
 
     def notify_style_update(self):
@@ -54,34 +57,54 @@ class KVPages(CachedStyles, ScrollView, can_focus=False):
     def _width(self) -> int:
         return max(1, self.size.width - 1)  # keep a column for the scrollbar, so a long pool never reflows
 
-    def _layout(self) -> tuple[int, int]:
-        """(pages per row, cells per page): two cells a page when the pool fits that way."""
-        w, h = self._width(), max(self.size.height - 1, 1)
+    def _pages_shown(self) -> range:
+        """The whole pool if it fits the panel a cell a page; else the range of pages used so far."""
         n = self.state.num_pages
-        if -(-n // max(1, w // 2)) <= h:
+        if n <= self._width() * max(1, self.size.height - 1):
+            return range(n)
+        return self.state.touched
+
+    @property
+    def zoomed(self) -> bool:
+        return len(self.shown) < self.state.num_pages
+
+    def _header_lines(self) -> int:
+        return 1 + self.zoomed
+
+    def _layout(self) -> tuple[int, int]:
+        """(pages per row, cells per page): two cells a page when the pages shown fit that way."""
+        w, h = self._width(), max(self.size.height - self._header_lines(), 1)
+        if -(-len(self.shown) // max(1, w // 2)) <= h:
             return max(1, w // 2), 2
         return w, 1
 
     def render_line(self, y: int) -> Strip:
         width = self.scrollable_content_region.width
-        if y == 0:
-            return self._header().adjust_cell_length(width, self.style())
-        row = self.scroll_offset.y + y - 1
+        if y < self._header_lines():
+            return Strip([Segment(self._header(y), self.style("kv--header"))]).adjust_cell_length(width, self.style())
+        row = self.scroll_offset.y + y - self._header_lines()
         strip = self._cache.get(row)
         if strip is None:
             strip = self._row(row).adjust_cell_length(width, self.style())
             self._cache[row] = strip
         return strip
 
-    def _header(self) -> Strip:
+    def _header(self, y: int) -> str:
+        """Line 0 counts the pages of each kind; line 1 (zoomed) says which pages the grid shows."""
         st = self.state
-        used, cached = st.num_used_pages, st.num_cached_free_pages
-        free = st.num_free_pages - cached
-        if self.size.width >= 44:
-            text = f"■ {used} used  ◆ {self._shared} shared  ○ {cached} cached  · {free} free  of {st.num_pages}"
+        if y == 1 and not self.shown:
+            return f"all {st.num_pages} pages free"
+        if y == 1:
+            lo, hi, rest = self.shown.start, self.shown.stop - 1, st.num_pages - len(self.shown)
+            forms = f"pages {lo}–{hi} shown, the {rest} others free", f"{lo}–{hi} of {st.num_pages} shown"
         else:
-            text = f"■{used} ◆{self._shared} ○{cached} ·{free} of {st.num_pages}"
-        return Strip([Segment(text, self.style("kv--header"))])
+            used, shared, cached = st.num_used_pages, st.num_shared_pages, st.num_cached_free_pages
+            free = st.num_free_pages - cached
+            forms = (
+                f"■ {used} used  ◆ {shared} shared  ○ {cached} cached  · {free} free  of {st.num_pages}",
+                f"■{used} ◆{shared} ○{cached} ·{free} of {st.num_pages}",
+            )
+        return forms[0] if len(forms[0]) <= self._width() else forms[1]
 
     def _row(self, row: int) -> Strip:
         st = self.state
@@ -89,7 +112,8 @@ class KVPages(CachedStyles, ScrollView, can_focus=False):
         pad = " " * (cell - 1)
         free, cached = self.style("kv--free"), self.style("kv--cached")
         segs, run, run_style = [], [], None
-        for p in range(row * cols, min((row + 1) * cols, st.num_pages)):
+        first = self.shown.start + row * cols
+        for p in range(first, min(first + cols, self.shown.stop)):
             owners = st.page_owners[p]
             if not owners:
                 glyph, style = ("○", cached) if st.page_cached[p] else ("·", free)

@@ -15,6 +15,8 @@ class StatusBar(Static, can_focus=False):
         t.append(mode)
         if config.get("sched"):
             t.append(f" · {config['sched']}", "bold")
+        if config.get("simulated"):  # a run on --device sim:NAME: its device lane is a model, not a measurement
+            t.append(f" · SIMULATED {str(config.get('device', ''))[4:].upper()}", "bold reverse")
         t.append(f" · step {step} · ")
         t.append(play, "bold")
         t.append(f" · {done}")

@@ -25,6 +25,7 @@ CLASSES = {
     Cell.PREEMPTED: "timeline--preempted",
 }
 LEGEND = "▒ prefill  █ decode  ✖ preempted  · waiting  - idle  ✓ done"
+MAX_LABEL_W = 18  # cells for a request's id
 _RUNS = re.compile(rb"(.)\1*", re.DOTALL)  # runs of one cell code: one Segment each
 
 
@@ -65,9 +66,10 @@ class Timeline(CachedStyles, ScrollView, can_focus=False):
         """Point the timeline at a new state (called at most once per frame)."""
         if state is not self.state:  # a replay rebuilt from the start: rows may differ
             self._cache.clear()
+        if state is not self.state or len(self.rows) != len(state.requests):
+            self.rows = list(state.requests.values())  # requests only ever join, in arrival order
         self.state = state
-        self.rows = list(state.requests.values())
-        self._label_w = max(5, max((len(r.id) for r in self.rows), default=3) + 2)
+        self._label_w = min(MAX_LABEL_W, max(5, state.longest_id + 2))
         # a short run gets wider columns (up to 3 cells a step); a replay sizes them for its whole length
         avail = max(1, self.scrollable_content_region.width - self._label_w)
         self.zoom = max(1, min(3, avail // (max(self.total_steps, state.num_steps) + 1)))
@@ -136,7 +138,9 @@ class Timeline(CachedStyles, ScrollView, can_focus=False):
     def _label(self, r) -> Strip:
         if r is None:
             return Strip([Segment("step".ljust(self._label_w), self.style("timeline--header"))])
-        return Strip([Segment(f"{r.id:>{self._label_w - 2}}  ", self.request_style(r.index, bold=True))])
+        w = self._label_w - 2
+        label = r.id if len(r.id) <= w else r.id[: w - 1] + "…"  # a long id must not push the steps away
+        return Strip([Segment(f"{label:>{w}}  ", self.request_style(r.index, bold=True))])
 
     def _ruler(self, first: int, nsteps: int) -> Strip:
         z = self.zoom
