@@ -17,10 +17,17 @@ memory-bound kernel), then two tables of ratios measured in this one run:
 Decode reads every cached key and value once and does ~1 FLOP per byte, so it is memory-bound:
 "% of copy bandwidth" is the number that says how good a decode kernel is.
 
---compile-only compiles every kernel variant the engine launches (real launch arguments,
-recorded from the public functions on CPU tensors) ahead of time for a GPU architecture, without a
-GPU, and prints each one's shared memory. tests/test_kernels.py runs it, because Triton's CPU
-interpreter accepts code that the GPU compiler rejects.
+--compile-only compiles every kernel variant the engine launches (real launch arguments, recorded
+from the public functions on CPU tensors, for GPT-2 and for Llama-3-8B's grouped-query heads) ahead of
+time for a GPU architecture, without a GPU, and prints what the GPU would run: registers per thread,
+spilled bytes, shared memory and the global loads by width. It compiles each variant the way Triton's
+JIT does at launch, with the specialisation it derives from the arguments (16-byte aligned pointers and
+strides divisible by 16 marked as such): without those hints the compiler must assume any alignment,
+loads 2 bytes at a time and needs several times the registers (`--without-hints` shows it). `--sass
+rowwise` prints a kernel's machine code too (the order of its loads, say). tests/test_kernels.py runs
+it, because Triton's CPU interpreter accepts code that the GPU compiler rejects.
+
+    python benchmarks/bench_kernels.py --compile-only --arch 90 [--dtype float16] [--model gpt2]
 """
 
 import argparse
@@ -141,76 +148,148 @@ def write_row(pa, bw, n):
 
 # --- ahead-of-time compilation, no GPU needed ----------------------------------------------------
 
-TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
-TRITON_TYPES[torch.int64] = "i64"
+# query heads, KV heads, head dim: GPT-2 (multi-head) and Llama-3-8B (grouped-query, 4 query heads a KV head)
+MODELS = {"gpt2": (12, 12, 64), "llama3-8b": (32, 8, 128)}
+H100_SMS = 132  # the split count the decode launches are recorded with is the heuristic's on an H100
 
 
-def record_launches(pa, dtypes, head_dims):
-    """Call the public functions on tiny CPU tensors with every kernel swapped for a recorder:
-    returns the (kernel, args, kwargs) each launch would have used on a GPU."""
-    launches = []
+def record_launches(pa, dtypes, models):
+    """Call the public functions on small CPU tensors with every kernel swapped for a recorder: returns
+    the (config, kernel, args, kwargs) of each launch a GPU would get, with the engine's strides (q a view
+    of the fused qkv projection, block tables 64 pages wide: a 1024-token context of 16-token pages)."""
+    launches, config = [], None
 
     class Recorder:
         def __init__(self, kernel):
             self.kernel = kernel
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
+            return lambda *args, **kwargs: launches.append((config, self.kernel, args, kwargs))
 
-    for name in ("_write_kv_kernel", "_write_kv_pages_kernel", "_attn_rowwise_kernel", "_combine_splits_kernel"):
-        setattr(pa, name, Recorder(getattr(pa, name)))
-    pa._attn_tiled_kernel = Recorder(pa._attn_tiled_kernel)
+    from triton.runtime.jit import JITFunction
 
-    H, bs = GPT2["n_heads"], GPT2["block_size"]
+    for name, kernel in list(vars(pa).items()):
+        if isinstance(kernel, JITFunction):
+            setattr(pa, name, Recorder(kernel))
+
+    bs = GPT2["block_size"]
     i32 = lambda *x: torch.tensor(x, dtype=torch.int32)
     for dtype in dtypes:
-        for D in head_dims:
-            kc = torch.zeros(4, bs, H, D, dtype=dtype)
-            k = torch.zeros(20, H, D)  # the model's fp32 activations
+        for model in models:
+            H, H_kv, D = MODELS[model]
+            kc = torch.zeros(4, bs, H_kv, D, dtype=dtype)  # nothing runs, so the pages need not exist
+            qkv = torch.zeros(100, (H + 2 * H_kv) * D)  # the model's fp32 activations, q k v fused
+            k = qkv[:20, H * D : (H + H_kv) * D].view(20, H_kv, D)
+            tables = torch.zeros(2, 64, dtype=torch.int32)
+            config = f"{model} write"
             pa.write_kv(kc, kc, k, k, torch.arange(20))
-            pa.write_kv_pages(kc, kc, k, k, i32(1, 2))
-            q = torch.zeros(20, H, D, dtype=dtype)
-            batch = (kc, kc, i32(0, 19, 20), i32(30, 10), i32([0, 1], [2, 3]), D**-0.5)
-            pa.paged_attention(q, *batch, max_q=19, max_ctx=30)  # prefill: tiled, BLOCK_M = 32
-            q100 = torch.zeros(100, H, D, dtype=dtype)  # nothing runs, so the pages need not exist
-            pa.paged_attention(q100, kc, kc, i32(0, 100), i32(100), *batch[4:], max_q=100, max_ctx=100)
-            pa.paged_attention(q[:2], kc, kc, i32(0, 1, 2), *batch[3:], max_q=1, max_ctx=30, num_kv_splits=1)
-            pa.paged_attention(q[:2], kc, kc, i32(0, 1, 2), *batch[3:], max_q=1, max_ctx=30, num_kv_splits=2)
+            pa.write_kv_pages(kc, kc, k.contiguous(), k.contiguous(), i32(1, 2))
+            q = qkv[:, : H * D].view(100, H, D).to(dtype)
+            config = f"{model} prefill"
+            pa.paged_attention(q[:20], kc, kc, i32(0, 19, 20), i32(30, 10), tables, D**-0.5, max_q=19, max_ctx=30)
+            pa.paged_attention(q, kc, kc, i32(0, 100), i32(100), tables[:1], D**-0.5, max_q=100, max_ctx=100)
+            config = f"{model} decode"
+            decode = (kc, kc, i32(0, 1, 2), i32(1000, 10), tables, D**-0.5)
+            pa.paged_attention(q[:2], *decode, max_q=1, max_ctx=1024, num_kv_splits=1)
+            splits = min(triton_cdiv(8 * H100_SMS, 2 * H_kv), 1024 // pa.MIN_KEYS_PER_SPLIT, pa.MAX_KV_SPLITS)
+            config = f"{model} decode split"
+            pa.paged_attention(q[:2], *decode, max_q=1, max_ctx=1024, num_kv_splits=splits)
     return launches
 
 
-def compile_only(arch, dtypes, head_dims):
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def jit_specialization(kernel, args, kwargs, backend):
+    """What Triton's JIT hands the compiler when the kernel is launched with these arguments: options,
+    signature, constexprs and attributes. The attributes are the launch-time specialisation: pointers
+    16-byte aligned and ints divisible by 16 get `tt.divisibility = 16` (what lets the compiler emit
+    128-bit loads), ints equal to 1 become constants. It runs the JIT's own binder, with the GPU
+    target's backend in place of the (absent) driver's. These are Triton internals (3.3 to 3.9); a
+    Triton that moved them fails here with an AttributeError or an ImportError."""
+    from triton.runtime.jit import create_function_from_signature
+
+    kwargs = dict(kwargs, debug=False)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    return kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+
+
+def cuobjdump(cubin: bytes, *flags) -> str:
+    """Run the cuobjdump that ships with Triton on a compiled kernel."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(tool), *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers, local memory per thread (spills: Triton kernels have no local arrays) and shared
+    memory, as `cuobjdump --dump-resource-usage` reads them from the binary."""
+    import re
+
+    text = cuobjdump(cubin, "--dump-resource-usage")
+    return {key: int(n) for key, n in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+
+
+def global_loads(ptx: str) -> str:
+    """The kernel's global load instructions (static count) by width, widest first: '9x128b 11x32b'."""
+    import collections
+    import re
+
+    bits = collections.Counter()
+    for vec, width in re.findall(r"ld\.global(?:\.\w+)*?(?:\.v(\d))?\.[bfsu](\d+)", ptx):
+        bits[int(vec or 1) * int(width)] += 1
+    return " ".join(f"{n}x{b}b" for b, n in sorted(bits.items(), reverse=True))
+
+
+VARIANT_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "GROUP", "NUM_SPLITS", "BLOCK_HD", "BLOCK")
+
+
+def compile_only(arch, dtypes, models, hints=True, sass=None):
+    """Compile every kernel variant the engine launches for sm_`arch`, specialised as the JIT would at
+    launch, and print each one's registers, spills and shared memory (the module docstring)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("--compile-only needs the real compiler: unset TRITON_INTERPRET")
     from kernels import paged_attention as pa
 
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    hinted = "with the launch-time specialisation" if hints else "WITHOUT the launch-time specialisation"
+    print(f"triton {triton.__version__}, target sm_{arch} (cuda, warp size 32), {hinted}")
+    print(f"{'config':<22} {'kernel':<21} {'dtype':<5} {'variant':<42} {'regs':>4} {'spill B':>7} {'smem B':>6}  loads")
     seen = set()
-    for kernel, args, kwargs in record_launches(pa, dtypes, head_dims):
-        options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
-        values = dict(zip(kernel.arg_names, args), **kwargs)
-        signature, constexprs = {}, {}
-        for p in kernel.params:
-            x = values[p.name]
-            if p.is_constexpr:
-                signature[p.name], constexprs[p.name] = "constexpr", x
-            elif torch.is_tensor(x):
-                signature[p.name] = "*" + TRITON_TYPES[x.dtype]
-            elif isinstance(x, float):
-                signature[p.name] = "fp32"
-            else:
-                signature[p.name] = "i32" if -(2**31) <= x < 2**31 else "i64"
-        key = (kernel.__name__, tuple(signature.items()), tuple(constexprs.items()))
-        if key in seen:
+    for config, kernel, args, kwargs in record_launches(pa, dtypes, models):
+        options, signature, constexprs, attrs = jit_specialization(kernel, args, kwargs, backend)
+        key = (kernel.__name__, str(signature), str(constexprs), str(attrs if hints else None))
+        if key in seen:  # e.g. the same write kernel for two models
             continue
         seen.add(key)
-        src = ASTSource(kernel, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-        types = ",".join(sorted({t for t in signature.values() if t.startswith("*f") or t.startswith("*b")}))
-        print(f"{kernel.__name__:<24} {types:<16} {constexprs}  shared={compiled.metadata.shared}B")
+        compiled = triton.compile(
+            ASTSource(kernel, signature, constexprs, attrs if hints else None), target, options.__dict__
+        )
+        use = resource_usage(compiled.asm["cubin"])
+        names = dict(zip(kernel.arg_names, args), **kwargs)
+        variant = " ".join(f"{n}={names[n]}" for n in VARIANT_KEYS if n in names)
+        dtype = next(signature[n] for n in ("k_cache_ptr", "out_ptr") if n in signature)[1:]
+        print(
+            f"{config:<22} {kernel.__name__.strip('_'):<21} {dtype:<5} {variant:<42} {use['REG']:>4} "
+            f"{use['LOCAL']:>7} {use['SHARED']:>6}  {global_loads(compiled.asm['ptx'])}"
+        )
+        if sass and kernel.__name__.strip("_") == sass.strip("_"):
+            print(cuobjdump(compiled.asm["cubin"], "-sass"))
+            sass = None  # the first variant only
     print(f"compiled {len(seen)} kernel variants for sm_{arch}")
 
 
@@ -219,11 +298,16 @@ def main():
     parser.add_argument("--compile-only", action="store_true", help="compile every kernel for --arch, no GPU needed")
     parser.add_argument("--arch", type=int, default=90, help="compute capability for --compile-only, e.g. 80, 90")
     parser.add_argument("--dtype", nargs="+", default=["float16", "bfloat16", "float32"], help="for --compile-only")
-    parser.add_argument("--head-dim", nargs="+", type=int, default=[64], help="for --compile-only")
+    parser.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS), help="for --compile-only")
+    parser.add_argument(
+        "--without-hints", action="store_true", help="for --compile-only: compile without the launch-time hints"
+    )
+    parser.add_argument("--sass", metavar="KERNEL", help="for --compile-only: print this kernel's SASS (first variant)")
     args = parser.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when it is unset
     if args.compile_only:
-        return compile_only(args.arch, [getattr(torch, d) for d in args.dtype], args.head_dim)
+        dtypes = [getattr(torch, d) for d in args.dtype]
+        return compile_only(args.arch, dtypes, args.model, hints=not args.without_hints, sass=args.sass)
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU and found none; on a CPU run `pytest tests/test_kernels.py`")
     if os.environ.get("TRITON_INTERPRET") == "1":

@@ -4,7 +4,7 @@
 
 The page-aligned scheduler starts every prefill chunk on a page boundary so the runner can write
 the chunk's keys and values a whole page at a time (`write_kv_pages`) instead of slot by slot
-(`write_kv`). This prints, for a few chunk lengths and two model shapes, the time of each write (both
+(`write_kv`). This prints, for a few chunk lengths and three cache shapes, the time of each write (both
 K and V, one layer) per token and the ratio scatter / pages (> 1: pages are faster). The GPU's
 Triton kernels are timed by benchmarks/bench_kernels.py.
 """
@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import reference  # noqa: E402
 
-SHAPES = {"shakespeare (4 heads x 64)": (4, 64), "gpt2 (12 heads x 64)": (12, 64)}
+# the cache's heads: with grouped-query attention a token writes its KV heads only (Llama-3-8B: 8 for 32)
+SHAPES = {"shakespeare (4 heads x 64)": (4, 64), "gpt2 (12 heads x 64)": (12, 64), "llama3-8b (8 KV x 128)": (8, 128)}
 TOKENS = (16, 256, 2048)
 
 

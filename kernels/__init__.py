@@ -1,4 +1,7 @@
-"""Attention kernels over the paged KV cache.
+"""Attention kernels over the paged KV cache, three backends with one interface.
 
-`reference` is plain torch: the CPU path and the oracle every Triton kernel is tested against.
+`reference` is plain torch, simple rather than fast: the oracle every backend is tested against.
+`cpu` is plain torch too, made fast for the CPU (a plan per step, decodes in cache-sized groups).
+`paged_attention` is the Triton kernels for the GPU. Each has write_kv, write_kv_pages, plan_attention
+and paged_attention(..., plan=None).
 """

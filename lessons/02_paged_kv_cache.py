@@ -25,7 +25,8 @@
 # - see why reserving room for a whole sequence per request wastes most of the memory;
 # - drive `sched/blocks.py`'s `BlockManager`, which hands out the cache a page at a time;
 # - write keys and values into the paged cache and run attention over it with `kernels/reference.py`,
-#   checking it against ordinary attention on contiguous tensors;
+#   checking it against ordinary attention on contiguous tensors, with one plan per step and with query
+#   heads that share key/value heads (grouped-query attention);
 # - look inside the real engine's cache after a prefill step.
 
 # %%
@@ -48,7 +49,8 @@ torch.set_num_threads(1)
 # For the embedded model in float32 that is:
 
 # %%
-model, cfg, tok, _ = ns.load_model()
+model, tok, _ = ns.load_model()
+cfg = model.config  # n_layer, n_embd, n_head, ... (lesson 1)
 bytes_per_token = 2 * cfg.n_layer * cfg.n_embd * 4  # K and V, every layer, 4 bytes each
 print(
     f"{bytes_per_token / 1024:.0f} KiB per token; a full {cfg.n_positions}-token context: "
@@ -146,11 +148,12 @@ print("D's slots:", slots)
 # ## Attention over pages
 #
 # One layer's cache is two tensors, `k_cache` and `v_cache`, of shape
-# `(num_blocks, block_size, n_heads, head_dim)`. `reference.write_kv` scatters new keys and values
-# into their slots; `reference.paged_attention` computes attention for a whole step at once: the new
-# tokens of every request are packed into one flat batch, `cu_seqlens_q` says which rows belong to
-# which request, `context_lens` how many tokens each request has in the cache, and `block_tables`
-# where they are. (`kernels/reference.py`'s docstring explains each argument.)
+# `(num_blocks, block_size, n_kv_heads, head_dim)` (in GPT-2 every query head has its own KV head).
+# `reference.write_kv` scatters new keys and values into their slots; `reference.paged_attention`
+# computes attention for a whole step at once: the new tokens of every request are packed into one
+# flat batch, `cu_seqlens_q` says which rows belong to which request, `context_lens` how many tokens
+# each request has in the cache, and `block_tables` where they are. (`kernels/reference.py`'s
+# docstring explains each argument.)
 #
 # We write A's 13 tokens and D's 22 tokens with random keys and values, then run attention for all 35
 # queries in one call, and compare each request with plain causal attention on its own contiguous
@@ -172,17 +175,14 @@ for rid, n in lens.items():
 i32 = lambda x: torch.tensor(x, dtype=torch.int32)
 tables = [bm.block_table(r) for r in lens]
 width = max(len(t) for t in tables)
-out = reference.paged_attention(
-    torch.cat([q["A"], q["D"]]),
-    k_cache,
-    v_cache,
+step = dict(
     cu_seqlens_q=i32([0, 13, 35]),
     context_lens=i32([13, 22]),
     block_tables=i32([t + [0] * (width - len(t)) for t in tables]),  # padded with any page id
-    scale=D**-0.5,
     max_q=22,
     max_ctx=22,
 )
+out = reference.paged_attention(torch.cat([q["A"], q["D"]]), k_cache, v_cache, scale=D**-0.5, **step)
 
 
 def dense_attention(q, k, v):  # (T, H, D) each: ordinary causal attention on contiguous tensors
@@ -193,6 +193,32 @@ def dense_attention(q, k, v):  # (T, H, D) each: ordinary causal attention on co
 for rid, rows in (("A", slice(0, 13)), ("D", slice(13, 35))):
     err = (out[rows] - dense_attention(q[rid], k[rid], v[rid])).abs().max().item()
     print(f"request {rid}: largest difference from dense attention {err:.1e}")
+
+# %% [markdown]
+# ## One plan per step, and heads that share keys
+#
+# Everything `paged_attention` derives from `cu_seqlens_q`, `context_lens` and `block_tables` — which
+# page each key is in, which query may see which key — is the same at every layer of a step, so
+# `reference.plan_attention` derives it once and every layer passes it as `plan=`.
+#
+# The cache may also hold fewer heads than the queries have. With *grouped-query attention* (Llama,
+# Qwen) `n_heads` query heads share `n_kv_heads` key/value heads: query head h reads KV head
+# h // (n_heads // n_kv_heads), and the cache shrinks by that factor. Here 4 query heads read the
+# 2 KV heads of our cache, through one plan for the step:
+
+# %%
+plan = reference.plan_attention(**step)
+q4 = torch.randn(35, 2 * H, D, generator=gen)  # 4 query heads over the cache's 2 KV heads
+out4 = reference.paged_attention(q4, k_cache, v_cache, scale=D**-0.5, **step, plan=plan)
+
+
+def dense_gqa(q, k, v):  # each KV head serves 2 query heads: heads 0, 1 read KV head 0; heads 2, 3 KV head 1
+    return dense_attention(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1))
+
+
+for rid, rows in (("A", slice(0, 13)), ("D", slice(13, 35))):
+    err = (out4[rows] - dense_gqa(q4[rows], k[rid], v[rid])).abs().max().item()
+    print(f"request {rid}, 4 query heads on 2 KV heads: largest difference from dense attention {err:.1e}")
 
 # %% [markdown]
 # ## Inside the engine's cache
@@ -236,6 +262,7 @@ assert len(held) == len(set(held)) == bm.num_blocks - bm.num_free_blocks, "every
 assert set(bm.block_table("D")) >= {p for p, o in enumerate(snapshots[0][1]) if o == ("B",)}, "freed pages are reused"
 for rid, rows in (("A", slice(0, 13)), ("D", slice(13, 35))):
     torch.testing.assert_close(out[rows], dense_attention(q[rid], k[rid], v[rid]))
+    torch.testing.assert_close(out4[rows], dense_gqa(q4[rows], k[rid], v[rid]))
 torch.testing.assert_close(engine_keys, dense_keys.view(n, cfg.n_head, cfg.head_dim), atol=1e-5, rtol=1e-5)
 assert req.finished and len(req.output_token_ids) == 5
 assert llm.scheduler.blocks.num_free_blocks == 32, "every page comes back when the request finishes"

@@ -1,4 +1,5 @@
-"""The Triton kernels (kernels/paged_attention.py) against the torch oracle (kernels/reference.py).
+"""The Triton kernels (kernels/paged_attention.py) and the fast CPU path (kernels/cpu.py) against the
+torch oracle (kernels/reference.py).
 
 Without a GPU every kernel runs in Triton's interpreter on the CPU (TRITON_INTERPRET=1: numpy, one
 program after another), so the shapes are tiny. With a GPU the same tests run compiled, plus the
@@ -25,6 +26,7 @@ if not HAS_CUDA:
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from kernels import cpu  # noqa: E402
 from kernels import paged_attention as pa  # noqa: E402
 from kernels import reference as ref  # noqa: E402
 
@@ -44,12 +46,16 @@ def cuda_only(test):
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
-def make_batch(reqs, block_size, n_heads=2, head_dim=16, dtype=torch.float32, seed=0, num_blocks=None, max_blocks=None):
+def make_batch(
+    reqs, block_size, n_heads=2, head_dim=16, dtype=torch.float32, seed=0, num_blocks=None, max_blocks=None,
+    n_kv_heads=None,
+):  # fmt: skip
     """A random paged cache and one step's batch: reqs is a list of (q_len, context_len).
 
     Pages are handed out in a random order, padding entries of the block tables hold random valid
     page ids, and the pool has spare pages (3 unless num_blocks says otherwise) full of random
-    values, so reading a wrong page or a padding entry shows up as a wrong result.
+    values, so reading a wrong page or a padding entry shows up as a wrong result. n_kv_heads < n_heads
+    makes it grouped-query attention: q has n_heads, the cache n_kv_heads.
     """
     g = torch.Generator().manual_seed(seed)
     pages_per_req = [-(-ctx // block_size) for _, ctx in reqs]
@@ -61,7 +67,7 @@ def make_batch(reqs, block_size, n_heads=2, head_dim=16, dtype=torch.float32, se
     for b, n in enumerate(pages_per_req):
         block_tables[b, :n] = perm[used : used + n]
         used += n
-    shape = (num_blocks, block_size, n_heads, head_dim)
+    shape = (num_blocks, block_size, n_kv_heads or n_heads, head_dim)
     q_lens = torch.tensor([q_len for q_len, _ in reqs])
     n_rows = int(q_lens.sum())
     batch = dict(
@@ -160,14 +166,26 @@ def test_split_kv_prefill_rows():
 
 
 def test_split_heuristic(monkeypatch):
-    """Few long sequences get split so the GPU fills up; many or short ones do not."""
+    """Few long sequences get split so the GPU fills up, about 8 programs per SM, in splits of >= 64 keys;
+    many or short ones do not."""
     monkeypatch.setattr(pa, "_num_sms", lambda device: 132)  # an H100
-    choose = lambda b, ctx: pa.choose_num_kv_splits(b, 12, ctx, torch.device("cuda"))
-    assert choose(1, 1024) == 1024 // pa.MIN_KEYS_PER_SPLIT  # limited by the split length
-    assert choose(1, 32768) == 22  # limited by occupancy: 12 heads x 22 splits give 132 SMs two programs each
-    assert choose(16, 1024) == 2  # 192 programs: twice that fills 132 SMs twice
-    assert choose(64, 1024) == 1  # 768 programs already fill the GPU
-    assert choose(1, 128) == 1  # too short to be worth splitting
+    choose = lambda b, ctx, heads=12: pa.choose_num_kv_splits(b, heads, ctx, torch.device("cuda"))
+    assert choose(1, 1024) == 16  # limited by the split length: 16 splits of 64 keys
+    assert choose(1, 32768) == pa.MAX_KV_SPLITS == 64  # limited by the number of splits
+    assert choose(16, 1024) == 6  # 16 x 12 x 6 = 1152 programs: 8 for each of the 132 SMs
+    assert choose(64, 1024) == 2  # 768 programs alone leave the SMs under 8 each
+    assert choose(256, 1024) == 1  # 3072 programs already fill the GPU
+    assert choose(1, 100) == 1  # too short to be worth splitting
+    assert choose(4, 4096, heads=2) == 64  # the grouped kernel has a program per KV head: fewer to start with
+
+
+SPLIT_LAYOUTS = [(1024, 16, (16, 64)), (1000, 16, (16, 64)), (1000, 9, (8, 128)), (30, 4, (1, 64))]
+
+
+@pytest.mark.parametrize("max_ctx, splits, want", SPLIT_LAYOUTS)
+def test_splits_are_whole_tiles(max_ctx, splits, want):
+    """A split is a whole number of 64-key tiles (head_dim 64), at most the splits asked for, covering max_ctx."""
+    assert pa.split_layout(max_ctx, splits, block_n=64) == want
 
 
 def test_num_kv_splits_is_for_decode():
@@ -188,13 +206,206 @@ def test_unsupported_head_dim_is_refused(head_dim):
     reqs=st.lists(st.integers(1, 40).flatmap(lambda ctx: st.tuples(st.integers(0, ctx), st.just(ctx))), max_size=4),
     block_size=st.sampled_from([1, 2, 4, 8, 16]),
     splits=st.integers(1, 5),
+    group=st.sampled_from([1, 2, 4]),
 )
-def test_random_batches(reqs, block_size, splits):
-    """Any mix of chunk lengths and contexts: both kernels agree with the reference."""
+def test_random_batches(reqs, block_size, splits, group):
+    """Any mix of chunk lengths and contexts and any query group: both kernels agree with the reference."""
     reqs = [(1, 1)] + reqs  # at least one query row
-    batch = make_batch(reqs, block_size=block_size, seed=len(reqs) * 100 + block_size)
+    batch = make_batch(reqs, block_size, n_heads=2 * group, n_kv_heads=2, seed=len(reqs) * 100 + block_size)
     assert_close(pa.paged_attention_tiled(**batch), batch)
     assert_close(pa.paged_attention_rowwise(**batch, num_kv_splits=splits), batch)
+
+
+# --- grouped-query attention --------------------------------------------------------------------
+
+GQA_REQS = [(1, 9), (5, 21), (1, 33), (3, 3)]  # decodes, a chunk after a prefix, a fresh prompt
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("kernel", ["tiled", "rowwise", "rowwise_split3"])
+def test_grouped_query_attention(kernel, group, head_dim):
+    """Query head h reads KV head h // group; 2 KV heads, so 2 * group query heads."""
+    batch = make_batch(GQA_REQS, block_size=4, n_heads=2 * group, n_kv_heads=2, head_dim=head_dim, seed=group)
+    assert_close(KERNELS[kernel](**batch), batch)
+
+
+@pytest.mark.parametrize("group", [2, 8])
+def test_grouped_query_decode(group):
+    """A decode step through the dispatcher: the row-wise kernel, each program serving a whole group."""
+    batch = make_batch(CASES["decode"], block_size=4, n_heads=group, n_kv_heads=1, head_dim=64, seed=group)
+    assert_close(pa.paged_attention(**batch), batch)
+    assert_close(pa.paged_attention(**batch, num_kv_splits=2), batch)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_grouped_kernel(splits, group, head_dim):
+    """Kernel 5, fp16: one program per KV head, its query group as the rows of tensor-core tiles."""
+    batch = make_batch(GQA_REQS, 4, n_heads=2 * group, n_kv_heads=2, head_dim=head_dim, dtype=torch.float16)
+    assert_close(pa.paged_attention_grouped(**batch, num_kv_splits=splits), batch, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grouped_query_decode_half_precision(dtype):
+    """The dispatcher sends a grouped-query decode in fp16/bf16 to the grouped kernel."""
+    if dtype == torch.bfloat16 and INTERPRETED:
+        pytest.skip("the Triton interpreter cannot run a bfloat16 tl.dot (test_cuda_grouped_query_decode covers it)")
+    batch = make_batch(CASES["decode"], block_size=4, n_heads=8, n_kv_heads=2, dtype=dtype)
+    assert pa.decode_kernel(batch["q"], batch["k_cache"]) is pa.paged_attention_grouped
+    assert_close(pa.paged_attention(**batch), batch, dtype)
+    assert_close(pa.paged_attention(**batch, num_kv_splits=2), batch, dtype)
+
+
+def test_decode_kernel_choice():
+    """Multi-head attention, and any fp32 step, decode with the row-wise kernel (no tl.dot needed)."""
+    mha = make_batch(CASES["decode"], block_size=4, n_heads=4, dtype=torch.float16)
+    gqa32 = make_batch(CASES["decode"], block_size=4, n_heads=4, n_kv_heads=2)
+    for batch in (mha, gqa32):
+        assert pa.decode_kernel(batch["q"], batch["k_cache"]) is pa.paged_attention_rowwise
+    with pytest.raises(ValueError, match="fp16/bf16 queries; use paged_attention_rowwise"):
+        pa.paged_attention_grouped(**gqa32)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_reference_grouped_query_attention_is_per_head_dense_attention(group):
+    """The oracle's GQA checked against SDPA's own grouped-query attention, request by request."""
+    batch = make_batch(CASES["mixed"], block_size=4, n_heads=2 * group, n_kv_heads=2, head_dim=8)
+    batch = {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}
+    out, cu = ref.paged_attention(**batch), batch["cu_seqlens_q"].tolist()
+    for b, ctx in enumerate(batch["context_lens"].tolist()):
+        a, n = cu[b], cu[b + 1] - cu[b]
+        keys, values = (batch[c][batch["block_tables"][b].long()].flatten(0, 1)[:ctx] for c in ("k_cache", "v_cache"))
+        visible = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            batch["q"][a : a + n].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+            attn_mask=visible, enable_gqa=True,
+        ).transpose(0, 1)  # fmt: skip
+        torch.testing.assert_close(out[a : a + n], dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [ref, pa])
+def test_query_heads_must_be_a_multiple_of_kv_heads(backend):
+    batch = make_batch(CASES["decode"], block_size=4, n_heads=3, n_kv_heads=2)
+    with pytest.raises(ValueError, match="n_heads a multiple of its n_kv_heads"):
+        backend.paged_attention(**batch)
+
+
+def test_write_kv_refuses_query_heads():
+    """With GQA the new keys have the cache's KV heads; keys shaped like q would overrun their slots."""
+    cache = make_cache(n_heads=2)
+    k = torch.randn(3, 4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"\(N, n_kv_heads, head_dim\) of the cache"):
+        pa.write_kv(*cache, k, k, torch.tensor([0, 1, 2], device=DEVICE))
+    with pytest.raises(ValueError, match=r"\(N, n_kv_heads, head_dim\) of the cache"):
+        pa.write_kv_pages(*cache, k, k, torch.tensor([0], device=DEVICE))
+
+
+# --- the per-step plan ---------------------------------------------------------------------------
+
+BACKENDS = {"reference": ref, "triton": pa, "cpu": cpu}
+
+
+@pytest.mark.parametrize("case", ["mixed", "decode", "prefill"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_plan_serves_every_layer(backend, case):
+    """A plan built once per step gives every layer (its own q and cache) what the plain call gives."""
+    ops = BACKENDS[backend]
+    layers = [make_batch(CASES[case], block_size=4, n_heads=4, n_kv_heads=2, seed=seed) for seed in range(3)]
+    if backend == "cpu":
+        layers = [cpu_batch(batch) for batch in layers]
+    step = {k: layers[0][k] for k in ("cu_seqlens_q", "context_lens", "block_tables", "max_q", "max_ctx")}
+    plan = ops.plan_attention(**step)
+    for batch in layers:
+        batch.update(step)  # the same step, each layer with its own queries and cache
+        torch.testing.assert_close(ops.paged_attention(**batch, plan=plan), ops.paged_attention(**batch))
+        assert_close(ops.paged_attention(**batch, plan=plan), batch)
+
+
+@pytest.mark.parametrize("max_q", [1, 7])
+def test_triton_plan_reads_no_tensor(max_q):
+    """The Triton plan is built from shapes and host ints alone, so a CUDA graph can capture it: here
+    from tensors on the meta device, which have no values to read."""
+    meta = dict(device="meta", dtype=torch.int32)
+    step = dict(
+        cu_seqlens_q=torch.empty(9, **meta), context_lens=torch.empty(8, **meta),
+        block_tables=torch.empty(8, 5, **meta), max_q=max_q, max_ctx=80,
+    )  # fmt: skip
+    plan = pa.plan_attention(**step, num_kv_splits=4 if max_q == 1 else None)
+    assert plan.block_tables is step["block_tables"] and plan.max_ctx == 80
+    assert plan.num_kv_splits == (4 if max_q == 1 else None)
+
+
+def test_reference_decode_plan_reads_no_tensor():
+    """The reference's decode plan too (a decode step on a GPU may run the reference in a CUDA graph)."""
+    meta = dict(device="meta", dtype=torch.int32)
+    plan = ref.plan_attention(torch.empty(9, **meta), torch.empty(8, **meta), torch.empty(8, 5, **meta), 1, 80)
+    assert plan.mask.shape == (8, 1, 1, 80)
+
+
+# --- the fast CPU path (kernels/cpu.py) -----------------------------------------------------------
+
+
+def cpu_batch(batch):
+    return {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("decode_keys", [1, 40, cpu.DECODE_KEYS])  # a group per decode, a few, one
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("case", CASES)
+def test_cpu_matches_reference(case, group, decode_keys):
+    """Decodes in groups of similar context, chunks alone, GQA without copies: the oracle's answer."""
+    reqs = CASES[case] + [(1, 25), (1, 3), (9, 30)]
+    batch = cpu_batch(make_batch(reqs, block_size=4, n_heads=2 * group, n_kv_heads=2))
+    step = {k: batch[k] for k in ("cu_seqlens_q", "context_lens", "block_tables", "max_q", "max_ctx")}
+    plan = cpu.plan_attention(**step, decode_keys=decode_keys)
+    torch.testing.assert_close(cpu.paged_attention(**batch, plan=plan), expected(batch), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_groups_decodes_by_context():
+    """Sorted by context, each group padded only to its own longest context, at most decode_keys keys."""
+    i32 = lambda *x: torch.tensor(x, dtype=torch.int32)
+    step = (
+        torch.arange(6, dtype=torch.int32),
+        i32(50, 10, 300, 12, 290),
+        torch.zeros(5, 19, dtype=torch.int32),
+        1,
+        300,
+    )
+    plan = cpu.plan_attention(*step, decode_keys=500)
+    assert [g.rows.tolist() for g in plan.groups] == [[1, 3, 0], [4], [2]]  # 3 x 50 <= 500 < 2 x 290
+    assert [g.ctx for g in plan.groups] == [50, 290, 300] and plan.groups[1].mask is None
+    assert not plan.chunks
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(
+    reqs=st.lists(st.integers(1, 40).flatmap(lambda ctx: st.tuples(st.integers(0, ctx), st.just(ctx))), max_size=6),
+    block_size=st.sampled_from([1, 2, 4, 16]),
+    decode_keys=st.integers(1, 100),
+    group=st.sampled_from([1, 3]),
+)
+def test_cpu_random_batches(reqs, block_size, decode_keys, group):
+    reqs = [(1, 1)] + reqs
+    batch = cpu_batch(make_batch(reqs, block_size, n_heads=2 * group, n_kv_heads=2, seed=len(reqs)))
+    plan = cpu.plan_attention(*(batch[k] for k in ("cu_seqlens_q", "context_lens", "block_tables", "max_q", "max_ctx")),
+                              decode_keys=decode_keys)  # fmt: skip
+    torch.testing.assert_close(cpu.paged_attention(**batch, plan=plan), expected(batch), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_half_precision(dtype):
+    batch = cpu_batch(make_batch(CASES["mixed"], block_size=4, n_heads=4, n_kv_heads=2, dtype=dtype))
+    out = cpu.paged_attention(**batch)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected(batch), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_cpu_cache_dtype_differs_from_q():
+    batch = cpu_batch(make_batch(CASES["mixed"], block_size=4))
+    batch["k_cache"], batch["v_cache"] = batch["k_cache"].half(), batch["v_cache"].half()
+    torch.testing.assert_close(cpu.paged_attention(**batch), expected(batch), atol=1e-5, rtol=1e-5)
 
 
 # --- KV write -----------------------------------------------------------------------------------
@@ -207,7 +418,7 @@ def write_kv_pages_reference(k_cache, v_cache, k, v, page_ids):
     ref.write_kv(k_cache, v_cache, k, v, page_ids.long()[j // block_size] * block_size + j % block_size)
 
 
-def make_cache(num_blocks=6, block_size=4, n_heads=3, head_dim=8, dtype=torch.float32):
+def make_cache(num_blocks=6, block_size=4, n_heads=3, head_dim=8, dtype=torch.float32):  # n_heads: the KV heads
     kc = torch.randn(num_blocks, block_size, n_heads, head_dim, device=DEVICE).to(dtype)
     return kc, torch.randn_like(kc)
 
@@ -311,6 +522,33 @@ def test_kernels_compile_for_cuda():
     assert "compiled" in done.stdout
 
 
+def compile_report(*args):
+    """bench_kernels.py --compile-only's table: {(config, kernel): (regs, spilled bytes, widest load in bits)}."""
+    import re
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--compile-only", *args]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    row = r"^(.+?)\s+(\w+_kernel)\s+\w+\s+(?:\S+=\S+ )*\S+=\S+\s+(\d+)\s+(\d+)\s+\d+\s+(\d+)x(\d+)b"
+    rows = re.findall(row, done.stdout, re.M)
+    return {(config, kernel): (int(regs), int(spill), int(bits)) for config, kernel, regs, spill, _, bits in rows}
+
+
+@pytest.mark.slow
+def test_compile_report_has_the_launch_time_specialisation():
+    """The report compiles as the JIT does at launch (aligned pointers, strides divisible by 16), so it
+    shows the code the GPU runs: 128-bit loads and a decode kernel at <= 64 registers (8 thread blocks
+    of 128 threads fit an SM's 64K registers: the split heuristic's 8 programs per SM), nothing spilled."""
+    pytest.importorskip("triton.backends.nvidia")
+    report = compile_report("--arch", "90", "--dtype", "float16")
+    regs, spilled, widest = report[("gpt2 decode", "attn_rowwise_kernel")]
+    assert regs <= 64 and spilled == 0 and widest == 128
+    regs, spilled, widest = report[("llama3-8b decode", "attn_grouped_kernel")]
+    assert regs <= 96 and spilled == 0 and widest == 128
+    assert all(spilled == 0 and widest == 128 for _, spilled, widest in report.values()), report
+
+
 @cuda_only
 @pytest.mark.parametrize("kernel", ["tiled", "rowwise"])
 def test_cuda_bf16_prefill(kernel):
@@ -344,6 +582,35 @@ def test_cuda_graph_decode():
     with torch.cuda.graph(graph):
         out = pa.paged_attention(**batch)
     other = make_batch([(1, 1000), (1, 17), (1, 512)], seed=1, **shapes)
+    for name in ("q", "k_cache", "v_cache", "context_lens", "block_tables"):
+        batch[name].copy_(other[name])
+    graph.replay()
+    assert_close(out, batch, torch.float16)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_grouped_query_decode(dtype):
+    """Llama-3-8B heads (32 query heads over 8 KV heads of 128), long contexts, split and not."""
+    batch = make_batch(GPT2_DECODE, block_size=16, n_heads=32, n_kv_heads=8, head_dim=128, dtype=dtype)
+    assert pa.decode_kernel(batch["q"], batch["k_cache"]) is pa.paged_attention_grouped
+    for splits in (None, 1, 7):
+        assert_close(pa.paged_attention(**batch, num_kv_splits=splits), batch, dtype)
+
+
+@cuda_only
+def test_cuda_graph_captures_the_plan():
+    """plan_attention inside the capture, from the graph's static buffers: replays read the new metadata."""
+    shapes = dict(block_size=16, n_heads=8, n_kv_heads=2, head_dim=64, dtype=torch.float16, num_blocks=200)
+    batch = make_batch([(1, 300), (1, 40), (1, 900)], max_blocks=64, **shapes)
+    batch["max_ctx"] = 1024
+    step = {k: batch[k] for k in ("cu_seqlens_q", "context_lens", "block_tables", "max_q", "max_ctx")}
+    pa.paged_attention(**batch)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plan = pa.plan_attention(**step)
+        out = pa.paged_attention(**batch, plan=plan)
+    other = make_batch([(1, 1000), (1, 17), (1, 512)], seed=1, max_blocks=64, **shapes)
     for name in ("q", "k_cache", "v_cache", "context_lens", "block_tables"):
         batch[name].copy_(other[name])
     graph.replay()
