@@ -9,15 +9,16 @@ The scheduling policies live in sched/, the attention kernels in kernels/, the t
 """
 
 import argparse
+import atexit
 import bisect
 import contextlib
+import gc
 import itertools
 import json
 import math
 import os
 import queue
 import random
-import re
 import signal
 import sys
 import threading
@@ -28,6 +29,7 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,13 +38,16 @@ import torch.nn.functional as F
 # `sched` shares its name with a standard-library module: put this folder first, wherever we are imported from.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from kernels import cpu as cpu_attention
 from kernels import reference
-from sched import SCHEDULERS, FinishReason, Request, SamplingParams, SchedulerConfig, make_scheduler
+from sched import SCHEDULERS, EngineConfig, FinishReason, Request, SamplingParams, make_scheduler
 from sched.base import PLACEHOLDER
-from sched.request import MAX_SEED, Status, as_float, parse_prompt
+from sched.config import ATTENTION, DTYPES, LOAD_FORMATS
+from sched.request import Status, as_float, parse_prompt
 from viz.trace import RequestArrived, RequestFinished, RunInfo, Span, compute_metrics
 
 ROOT = Path(__file__).resolve().parent
+atexit.register(gc.unfreeze)  # what LLM() froze goes back at exit, so that everything is freed in order
 DEFAULT_MODEL = ROOT / "models" / "shakespeare"
 
 # -----------------------------------------------------------------------------
@@ -62,6 +67,10 @@ class GPTConfig:
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
+
+    @property
+    def n_kv_heads(self):  # GPT-2 keeps a key and a value per query head (the Llama family shares them)
+        return self.n_head
 
     @classmethod
     def from_hf(cls, d: dict, source="config.json"):
@@ -117,7 +126,8 @@ GPT2_FAMILY = {
 
 @dataclass
 class AttnMetadata:
-    """What paged attention needs for one step (kernels/reference.py explains each field)."""
+    """What paged attention needs for one step (kernels/reference.py explains each field), and the one call
+    every model's attention layer makes: `attend`."""
 
     slot_mapping: torch.Tensor  # (N,) cache slot of every new token
     cu_seqlens_q: torch.Tensor  # (B+1,) request i owns rows cu[i]:cu[i+1]
@@ -125,14 +135,29 @@ class AttnMetadata:
     block_tables: torch.Tensor  # (B, max_blocks) page ids
     max_q: int
     max_ctx: int
-    kv_caches: list  # per layer: (k_cache, v_cache), each (num_blocks, block_size, n_head, head_dim)
-    ops: object  # the attention backend: a module with write_kv, write_kv_pages and paged_attention
+    kv_caches: list  # per layer: (k_cache, v_cache), each (num_blocks, block_size, n_kv_heads, head_dim)
+    ops: object  # the attention backend: a module with write_kv, write_kv_pages, plan_attention, paged_attention
     # chunks that start on a page boundary are written page by page: (first row, end row, their pages);
     # the other rows (decodes, unaligned chunks) by slot
     page_writes: list = ()
     scatter_rows: torch.Tensor | None = None
     scatter_slots: torch.Tensor | None = None
     fresh_pages: torch.Tensor | None = None  # pages written for the first time, zeroed first (CPU)
+    plan: object = None  # the backend's per-step plan (`planned`): what every layer would otherwise re-derive
+
+    def planned(self) -> "AttnMetadata":
+        """A copy with the step's attention plan, made once by whoever runs the layers (in a CUDA graph, by
+        the captured function itself, so that a replay plans its own step)."""
+        args = (self.cu_seqlens_q, self.context_lens, self.block_tables, self.max_q, self.max_ctx)
+        return replace(self, plan=self.ops.plan_attention(*args))
+
+    def attend(self, layer: int, q, k, v, scale: float):
+        """Write the new tokens' keys and values into layer's pages, then attend the queries over the pages.
+        q (N, n_heads, head_dim); k, v (N, n_kv_heads, head_dim). Returns (N, n_heads, head_dim)."""
+        k_cache, v_cache = self.kv_caches[layer]
+        self.write_kv(k_cache, v_cache, k, v)
+        args = (self.cu_seqlens_q, self.context_lens, self.block_tables, scale, self.max_q, self.max_ctx)
+        return self.ops.paged_attention(q, k_cache, v_cache, *args, plan=self.plan)
 
     def write_kv(self, k_cache, v_cache, k, v):
         if self.fresh_pages is not None:  # no garbage left past the new tokens in their last page
@@ -164,20 +189,7 @@ class CausalSelfAttention(nn.Module):
         # serving: x is the step's flat (N, C) batch of new tokens; their K/V go to the paged cache
         N, C = x.shape
         q, k, v = (t.view(N, self.n_head, self.head_dim) for t in (q, k, v))
-        k_cache, v_cache = meta.kv_caches[layer]
-        meta.write_kv(k_cache, v_cache, k, v)
-        y = meta.ops.paged_attention(
-            q,
-            k_cache,
-            v_cache,
-            meta.cu_seqlens_q,
-            meta.context_lens,
-            meta.block_tables,
-            self.head_dim**-0.5,
-            meta.max_q,
-            meta.max_ctx,
-        )
-        return self.c_proj(y.reshape(N, C))
+        return self.c_proj(meta.attend(layer, q, k, v, self.head_dim**-0.5).reshape(N, C))
 
 
 class MLP(nn.Module):
@@ -227,6 +239,10 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
 
+    def blocks(self) -> nn.ModuleList:
+        """The transformer layers (every new token goes through all of them)."""
+        return self.h
+
     def forward(self, idx):  # (B, T) -> logits (B, T, vocab)
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for i, block in enumerate(self.h):
@@ -247,6 +263,7 @@ class GPT(nn.Module):
         return self.wte(input_ids) + self.wpe(positions)
 
     def layers(self, x, meta: AttnMetadata, start: int, end: int):
+        meta = meta.planned()  # once per step (per pipeline stage), for all of its layers
         for i in range(start, end):
             x = self.h[i](x, i, meta)
         return x
@@ -361,14 +378,14 @@ def resolve_model_dir(model: str | None) -> Path:
 
 
 def load_model(model: str | None = None, load_format: str = "auto", dtype=torch.float32, device="cpu"):
-    """Build the GPT and its tokenizer. Returns (model, config, tokenizer or None, name).
+    """Build the model and its tokenizer. Returns (model, tokenizer or None, name); the config is model.config.
 
-    >>> m, cfg, tok, name = load_model("distilgpt2", load_format="dummy")
-    >>> cfg.n_layer, name
+    >>> m, tok, name = load_model("distilgpt2", load_format="dummy", device="meta")  # shapes only
+    >>> m.config.n_layer, name
     (6, 'distilgpt2')
     """
     if load_format == "dummy" and model in GPT2_FAMILY:  # random weights of a known shape, no files at all
-        cfg, tok, name = GPT2_FAMILY[model], gpt2_tokenizer(), model
+        cfg, tok, name, folder = GPT2_FAMILY[model], gpt2_tokenizer(), model, None
     else:
         folder = resolve_model_dir(model)
         name = str(model or folder.relative_to(ROOT))
@@ -391,8 +408,8 @@ def load_model(model: str | None = None, load_format: str = "auto", dtype=torch.
         gpt = GPT(cfg)  # dummy weights: GPT-2's initialisation
     if load_format != "dummy":
         gpt.load_state_dict(read_weights(folder, gpt), strict=True)
-    gpt.folder = None if load_format == "dummy" and model in GPT2_FAMILY else folder  # where it came from
-    return gpt.to(dtype).eval(), cfg, tok, name
+    gpt.folder = folder  # where it came from (None for a built-in shape)
+    return gpt.to(dtype).eval(), tok, name
 
 
 def read_json(path: Path):
@@ -440,11 +457,21 @@ def read_weights(folder: Path, gpt: GPT) -> dict:
 # The model runner: one step's inputs, the forward over the paged cache, sampling
 
 
-def choose_num_blocks(cfg: GPTConfig, block_size, dtype, device, max_num_seqs, max_model_len, utilization=0.9):
-    """How many KV pages fit: GPU memory left after the weights, or a slice of RAM on CPU."""
-    page_bytes = 2 * cfg.n_layer * block_size * cfg.n_embd * torch.finfo(dtype).bits // 8  # K and V
+BACKENDS = {"reference": reference, "cpu": cpu_attention}  # and "triton": kernels.paged_attention, imported when asked
+
+
+def kv_bytes_per_token(cfg, dtype_bytes: int) -> int:
+    """Bytes of one token's keys and values over all layers."""
+    return 2 * cfg.n_layer * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
+
+
+def choose_num_blocks(cfg, block_size, dtype_bytes, device, max_num_seqs, max_model_len, utilization, weight_bytes):
+    """How many KV pages fit: a GPU's memory left after the weights (a simulated GPU's too), or a slice of RAM."""
+    page_bytes = kv_bytes_per_token(cfg, dtype_bytes) * block_size
     wanted = max_num_seqs * -(-max_model_len // block_size)  # every sequence at full length
-    if device.type == "cuda":
+    if isinstance(device, SimSpec):
+        budget = device.memory_gb * 1e9 * utilization - weight_bytes - 2**30
+    elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         budget = free - (1 - utilization) * total - 2**30  # keep 1 GiB for activations and graphs
     else:
@@ -452,15 +479,14 @@ def choose_num_blocks(cfg: GPTConfig, block_size, dtype, device, max_num_seqs, m
     return max(1, min(wanted, int(budget // page_bytes)))
 
 
-def attention_backend(name: str, device, cfg: GPTConfig):
-    """The attention kernels: Triton on CUDA, the plain-torch reference on CPU, unless asked otherwise."""
+def attention_backend(name: str, device, cfg):
+    """The attention kernels (kernels/): Triton on CUDA, plain torch made fast on CPU, unless asked otherwise;
+    `reference` is the simple plain-torch oracle the others are tested against."""
     triton_ok = cfg.head_dim in (8, 16, 32, 64, 128, 256)
     if name == "auto":
-        name = "triton" if device.type == "cuda" and triton_ok else "reference"
-    if name == "reference":
-        return reference
-    if name != "triton":
-        raise ValueError(f"--attention-backend {name!r} is not one of: auto, reference, triton")
+        name = "triton" if device.type == "cuda" and triton_ok else "cpu" if device.type == "cpu" else "reference"
+    if name in ("reference", "cpu"):
+        return BACKENDS[name]
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "the Triton kernels need a CUDA GPU; on a CPU set TRITON_INTERPRET=1 (slow, for tests) or "
@@ -469,6 +495,495 @@ def attention_backend(name: str, device, cfg: GPTConfig):
     from kernels import paged_attention
 
     return paged_attention
+
+
+# --- the step's inputs ----------------------------------------------------------------------------
+
+
+class InputBatch:
+    """The runner's persistent rows (vLLM's InputBatch): every request it has seen keeps a row of
+    preallocated arrays until it finishes: its page table, and its sampling parameters as numbers. The
+    scheduler sends only the pages a request gained since its last step, so a step writes the few entries
+    that changed, never the whole tables.
+
+    >>> ib = InputBatch(max_pages=4, vocab=10)
+    >>> r = ib.row("a", 0, [7, 3], SamplingParams(top_k=3)); ib.tables[r, :2].tolist(), int(ib.top_k[r])
+    ([7, 3], 3)
+    """
+
+    def __init__(self, max_pages: int, vocab: int, rows: int = 64):
+        self.vocab, self.rows, self.free = vocab, {}, []  # request id -> row; the rows not in use
+        self.tables = np.zeros((0, max_pages), dtype=np.int32)  # row -> page ids; padding is page 0
+        self.temperature = np.zeros(0, np.float32)  # 1 for greedy rows (their draw is not used)
+        self.greedy = np.zeros(0, bool)
+        self.top_k = np.zeros(0, np.int64)  # 0: no cut
+        self.top_p = np.zeros(0, np.float32)
+        self.seeds = {}  # row -> the seed of a request that has its own
+        self._grow(rows)
+
+    def _grow(self, n: int):
+        old = len(self.tables)
+        for name in ("tables", "temperature", "greedy", "top_k", "top_p"):
+            a = getattr(self, name)
+            setattr(self, name, np.concatenate([a, np.zeros((n, *a.shape[1:]), a.dtype)]))
+        self.free += range(old + n - 1, old - 1, -1)
+
+    def row(self, request_id: str, pages_from: int, new_pages: list[int], params: SamplingParams) -> int:
+        """The request's row, with its table from index `pages_from` on set to `new_pages`."""
+        row = self.rows.get(request_id)
+        if row is None:  # first seen: a row of its own, its sampling parameters as numbers
+            if not self.free:
+                self._grow(len(self.tables))
+            row = self.rows[request_id] = self.free.pop()
+            self.tables[row] = 0
+            self.temperature[row], self.greedy[row] = params.temperature or 1.0, params.greedy
+            self.top_k[row] = params.top_k if 0 < params.top_k < self.vocab else 0
+            self.top_p[row] = params.top_p
+            if params.seed is not None:
+                self.seeds[row] = params.seed
+        elif pages_from == 0:  # its pages came back after a preemption: nothing stale may stay
+            self.tables[row] = 0
+        self.tables[row, pages_from : pages_from + len(new_pages)] = new_pages
+        return row
+
+    def release(self, request_ids):
+        for rid in request_ids:
+            if (row := self.rows.pop(rid, None)) is not None:
+                self.free.append(row)
+                self.seeds.pop(row, None)
+
+    def sampling(self, rows: np.ndarray, num_outputs: list[int]) -> dict | None:
+        """The sampled rows' parameters for `Sampling`, as arrays; None when every row is greedy."""
+        greedy = self.greedy[rows]
+        if greedy.all():
+            return None
+        top_k = self.top_k[rows]
+        k_max = int(top_k.max())
+        out = dict(greedy=greedy, temperature=self.temperature[rows], top_k=np.clip(top_k, 1, max(k_max, 1)))
+        out.update(cut_k=top_k > 0, top_k_max=k_max)
+        if (top_p := self.top_p[rows]).min() < 1:  # else no row cuts: no sort
+            out["top_p"] = top_p
+        if seeded := [i for i, r in enumerate(rows.tolist()) if r in self.seeds] if self.seeds else []:
+            out["seeded"] = np.array(seeded, np.int64)
+            keys = [hash((self.seeds[rows[i]], num_outputs[i])) & 0xFFFF_FFFF for i in seeded]
+            out["seed_keys"] = np.array(keys, np.int64)
+        return out
+
+
+class Staging:
+    """Where a step's inputs are gathered on the host and moved to the device in one copy.
+
+    A ring of flat byte buffers, one per step that may be in flight plus one, so a buffer is refilled only
+    once the step that read it is done. A buffer holds four regions, one per element type (int64, int32,
+    float32, bool); each input is a slice of one. On CUDA the host side is pinned memory and one
+    non-blocking copy moves the used bytes; on CPU the host buffer is the step's memory, with no copy.
+
+    >>> w = Staging(torch.device("cpu"), count=2).writer(n64=8, n32=4, nf=0, nb=0)
+    >>> a = w.put(np.arange(3), np.int64); b = w.put([[1, 2]], np.int32); t = w.send()
+    >>> t[a].tolist(), t[b].tolist()
+    ([0, 1, 2], [[1, 2]])
+    """
+
+    DTYPES = (np.int64, np.int32, np.float32, np.bool_)
+
+    def __init__(self, device, count: int):
+        self.device, self.count, self.i = device, count, 0
+        self.host, self.dev = [None] * count, [None] * count
+
+    def writer(self, n64: int, n32: int, nf: int, nb: int) -> "StagingWriter":
+        """A buffer for at most n64 int64s, n32 int32s, nf float32s and nb bools."""
+        sizes = [8 * -(-n * np.dtype(dt).itemsize // 8) for n, dt in zip((n64, n32, nf, nb), self.DTYPES)]
+        nbytes = sum(sizes)
+        i, self.i = self.i, (self.i + 1) % self.count
+        if self.host[i] is None or self.host[i].numel() < nbytes:
+            cuda = self.device.type == "cuda"
+            size = max(nbytes, 2 * (self.host[i].numel() if self.host[i] is not None else 0))
+            self.host[i] = torch.empty(size, dtype=torch.uint8, pin_memory=cuda)
+            self.dev[i] = torch.empty(size, dtype=torch.uint8, device=self.device) if cuda else self.host[i]
+        return StagingWriter(self.host[i], self.dev[i], sizes)
+
+
+class StagingWriter:
+    def __init__(self, host, dev, sizes):
+        self.host, self.dev, self.parts = host, dev, []
+        self.starts = list(itertools.accumulate(sizes, initial=0))  # byte offset of each region
+        buf = host.numpy()
+        self.regions = [buf[a:b].view(dt) for a, b, dt in zip(self.starts, self.starts[1:], Staging.DTYPES)]
+        self.used = [0] * 4  # elements used in each region
+
+    def put(self, values, dtype) -> int:
+        """Append an array to its type's region; returns its index, for the tensor `send()` makes of it."""
+        k = Staging.DTYPES.index(dtype)
+        values = np.asarray(values, dtype=dtype)
+        a = self.used[k]
+        b = self.used[k] = a + values.size
+        self.regions[k][a:b] = values.reshape(-1)  # raises if the region is too small: a bug in the sizes
+        self.parts.append((k, a, b, values.shape if values.ndim > 1 else None))
+        return len(self.parts) - 1
+
+    def send(self) -> list[torch.Tensor]:
+        """One copy to the device; the parts as tensors there, in the order they were put."""
+        end = self.starts[-1]
+        if self.dev is not self.host:
+            self.dev[:end].copy_(self.host[:end], non_blocking=True)
+        regions = [self.dev[a:b].view(dt) for a, b, dt in zip(self.starts, self.starts[1:], TORCH_DTYPES)]
+        return [regions[k][a:b] if shape is None else regions[k][a:b].view(shape) for k, a, b, shape in self.parts]
+
+
+TORCH_DTYPES = (torch.int64, torch.int32, torch.float32, torch.bool)
+
+
+@dataclass
+class Sampling:
+    """What sampling needs for one step: per sampled row its parameters as tensors, and what the host knows
+    already (is every row greedy, the largest top-k), so that drawing never waits on a device value."""
+
+    all_greedy: bool
+    greedy: torch.Tensor | None = None  # (S,) bool: the rows whose temperature is 0
+    temperature: torch.Tensor | None = None  # (S,) float, 1 where greedy
+    top_k: torch.Tensor | None = None  # (S,) int64 in [1, top_k_max]: the k-th largest logit is kept
+    cut_k: torch.Tensor | None = None  # (S,) bool: rows with a top-k cut
+    top_k_max: int = 0  # the largest k of those rows (0: none has one)
+    top_p: torch.Tensor | None = None  # (S,) float
+    seeded: torch.Tensor | None = None  # rows with a seed of their own ...
+    seed_keys: torch.Tensor | None = None  # ... and their (seed, token index) keys
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], num_outputs: list[int], vocab: int, device) -> "Sampling":
+        """Straight from parameters (tests, lessons); the runner stages the same arrays with the step's inputs."""
+        rows = InputBatch(1, vocab, rows=len(params))
+        for i, p in enumerate(params):
+            rows.row(str(i), 0, [], p)
+        a = rows.sampling(np.array([rows.rows[str(i)] for i in range(len(params))]), num_outputs)
+        if a is None:
+            return cls(True)
+        k_max = a.pop("top_k_max")
+        return cls(False, **{k: torch.from_numpy(v).to(device) for k, v in a.items()}, top_k_max=k_max)
+
+
+def seeded_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise for rows with a seed: a counter-based hash of (key, token id), so a seeded request draws
+    the same noise whatever else is in the batch, without a generator per row (one kernel for all rows).
+
+    >>> a = seeded_noise(torch.tensor([7, 8]), 5); torch.equal(a[0], seeded_noise(torch.tensor([7]), 5)[0])
+    True
+    """
+    m = 0xFFFF_FFFF
+    x = (keys[:, None] * 0x9E37_79B9 + torch.arange(vocab, device=keys.device) * 0x85EB_CA6B + 0x632B_E59B) & m
+    for mul in (0x7FEB_352D, 0x846C_A68B):  # the "lowbias32" finaliser: every input bit moves every output bit
+        x = ((x ^ (x >> 16)) * mul) & m
+    x = x ^ (x >> 16)
+    return -torch.log((x.float() + 0.5) / 2**32)  # uniform in (0, 1) -> Exp(1)
+
+
+@dataclass
+class StepInputs:
+    """One step's inputs, on the device, as the model and the sampler read them."""
+
+    input_ids: torch.Tensor  # (N,) the new tokens of every request, one after another
+    positions: torch.Tensor  # (N,)
+    logits_indices: torch.Tensor  # (S,) the rows whose next token is sampled: each request's last new token
+    meta: AttnMetadata
+    sampling: Sampling
+    placeholder_dst: torch.Tensor | None  # rows whose token the previous step sampled, still on the device ...
+    placeholder_src: torch.Tensor | None  # ... and where it is in that step's sampled ids
+    num_rows: int
+    q_lens: np.ndarray  # (B,) on the host, for the simulated device's clock
+    context_lens: np.ndarray  # (B,)
+
+
+# --- devices: where and when a step runs -------------------------------------------------------------
+
+
+class Worker:
+    """A daemon thread that runs the calls given to it one after another; `submit` returns a Future whose
+    .result() re-raises the call's error. A daemon, unlike ThreadPoolExecutor's threads, so that a step that
+    hangs forever (the engine's watchdog gave up on it) cannot keep the process from exiting; a thread that
+    is not stuck is stopped and joined when its Worker goes, or at exit."""
+
+    def __init__(self, name: str):
+        self.calls = queue.SimpleQueue()
+        thread = threading.Thread(target=Worker._loop, args=(self.calls,), name=name, daemon=True)
+        thread.start()
+        weakref.finalize(self, Worker._stop, self.calls, thread)
+
+    @staticmethod
+    def _stop(calls, thread):
+        calls.put(None)
+        if thread is not threading.current_thread():
+            thread.join(timeout=1.0)  # a stuck step is left behind
+
+    def submit(self, fn, *args) -> Future:
+        fut = Future()
+        self.calls.put((fut, fn, args))
+        return fut
+
+    @staticmethod
+    def _loop(calls):
+        while (call := calls.get()) is not None:
+            fut, fn, args = call
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+                fut.set_exception(e)
+            del call, fut, fn, args
+
+
+class HostTimer:
+    """Spans timed on the host clock, recorded as soon as they end (CPU)."""
+
+    def __init__(self, recorder, lane: str, step: int):
+        self.recorder, self.lane, self.step = recorder, lane, step
+
+    @contextlib.contextmanager
+    def span(self, name: str):
+        t = self.recorder.now()
+        yield
+        self.recorder.emit(Span(t, self.recorder.now(), self.lane, name, self.step))
+
+
+class CPUDevice:
+    """The CPU: each pipeline stage (one without --pp) is a thread that runs the stage's torch ops; torch
+    releases the GIL inside them, so the engine thread plans the next step meanwhile."""
+
+    simulated = False
+
+    def __init__(self, lanes: list[str], recorder):
+        self.lanes, self.recorder = lanes, recorder
+        self.workers = [Worker(lane) for lane in lanes]
+
+    def launch(self, step: int, x: StepInputs, stage) -> Future:
+        """Run stage(k, x, h, timer) for k = 0, 1, ... on stage k's thread, each after the one before.
+        The returned future's .result() is the sampled ids (a list) or the step's error."""
+        fut, last = None, len(self.lanes) - 1
+        for k, (lane, worker) in enumerate(zip(self.lanes, self.workers)):
+            fut = worker.submit(self._run, stage, k, k == last, x, fut, HostTimer(self.recorder, lane, step))
+        return fut
+
+    @staticmethod
+    def _run(stage, k, last, x, prev, timer):
+        h = stage(k, x, prev.result() if prev is not None else None, timer)
+        return h.tolist() if last else h
+
+
+class EventTimer:
+    """Spans timed with CUDA events on the stage's stream, read when the step is done (GPU)."""
+
+    def __init__(self, lane: str, step: int):
+        self.lane, self.step, self.marks = lane, step, []
+
+    @contextlib.contextmanager
+    def span(self, name: str):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        yield
+        b.record()
+        self.marks.append((a, b, name))
+
+
+class CUDADevice:
+    """A GPU: a step's kernels are queued on a stream and launch returns at once. With --pp each stage has
+    its own stream, so the stages of different microbatches overlap; the sampled ids come back through
+    pinned memory and the spans are timed with CUDA events."""
+
+    simulated = False
+
+    def __init__(self, device, lanes: list[str], recorder):
+        self.device, self.lanes, self.recorder = device, lanes, recorder
+        self.streams = [torch.cuda.Stream(device) for _ in lanes] if len(lanes) > 1 else None
+        self.anchor = torch.cuda.Event(enable_timing=True)  # device times are read relative to this
+        self.anchor.record()
+        self.anchor.synchronize()
+        self.anchor_t = recorder.now()
+
+    def launch(self, step: int, x: StepInputs, stage) -> "CUDAHandle":
+        h, timers = None, []
+        prev = torch.cuda.current_stream(self.device)  # the inputs were copied on it
+        for k, lane in enumerate(self.lanes):
+            stream = prev if self.streams is None else self.streams[k]
+            if stream != prev:  # stage k of this step starts when stage k - 1 of it is done
+                stream.wait_stream(prev)
+                if h is not None:  # made on stage k - 1's stream: not to be reused before this one has read it
+                    h.record_stream(stream)
+            timers.append(EventTimer(lane, step))
+            with torch.cuda.stream(stream):
+                h = stage(k, x, h, timers[-1])
+            prev = stream
+        with torch.cuda.stream(prev):
+            ids = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
+            ids.copy_(h, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        return CUDAHandle(self, step, ids, done, timers, x)  # the handle keeps the inputs alive until done
+
+    def time(self, event) -> float:
+        return self.anchor_t + self.anchor.elapsed_time(event) / 1e3
+
+
+class CUDAHandle:
+    """A step launched on the GPU: .result() waits for its sampled ids, then records its spans."""
+
+    def __init__(self, device, step, ids, done, timers, inputs):
+        self.device, self.step, self.ids, self.done, self.timers, self.inputs = device, step, ids, done, timers, inputs
+
+    def result(self, timeout=None):
+        if timeout is not None:  # CUDA events have no timed wait: poll
+            deadline = time.perf_counter() + timeout
+            while not self.done.query():
+                if time.perf_counter() > deadline:
+                    raise TimeoutError(f"step {self.step} is still running on the GPU after {timeout:g} s")
+                time.sleep(1e-4)
+        self.done.synchronize()
+        self.inputs = None
+        for timer in self.timers:
+            for a, b, name in timer.marks:
+                self.device.recorder.emit(Span(self.device.time(a), self.device.time(b), timer.lane, name, self.step))
+        return self.ids.tolist()
+
+
+@dataclass(frozen=True)
+class SimSpec:
+    """A GPU's datasheet numbers: dense tensor-core and FP32 peaks, HBM bandwidth and capacity."""
+
+    name: str
+    bf16_tflops: float
+    fp32_tflops: float
+    bandwidth_gbs: float
+    memory_gb: float
+
+
+# The numbers the simulated devices (--device sim:NAME) and benchmarks/roofline.py use, from NVIDIA's datasheets
+# (dense: the tensor-core peaks they quote with 2:4 sparsity, halved): "NVIDIA H100 Tensor Core GPU" (H100 SXM /
+# NVL / PCIe: BF16 1,979 / 1,671 / 1,513 TFLOPS with sparsity; FP32 67 / 60 / 51; 3.35 / 3.9 / 2.0 TB/s; 80 / 94
+# / 80 GB), "NVIDIA H200 Tensor Core GPU" (H200 SXM / NVL: BF16 1,979 / 1,671 with sparsity; FP32 67 / 60;
+# 4.8 TB/s; 141 GB), "NVIDIA A100 Tensor Core GPU" (A100 80GB SXM: BF16 312 dense; FP32 19.5; 2,039 GB/s).
+# FP32 is the peak without tensor cores: torch does not use TF32 for float32 matmuls unless asked. A GPU's torch
+# name is matched against the keys in this order, every word of the key in the name ("NVIDIA H100 80GB HBM3": h100).
+GPUS = {
+    "h200-nvl": SimSpec("H200 NVL", bf16_tflops=835.5, fp32_tflops=60.0, bandwidth_gbs=4800, memory_gb=141),
+    "h100-nvl": SimSpec("H100 NVL", bf16_tflops=835.5, fp32_tflops=60.0, bandwidth_gbs=3900, memory_gb=94),
+    "h100-pcie": SimSpec("H100 PCIe", bf16_tflops=756.5, fp32_tflops=51.0, bandwidth_gbs=2000, memory_gb=80),
+    "h200": SimSpec("H200 SXM", bf16_tflops=989.5, fp32_tflops=67.0, bandwidth_gbs=4800, memory_gb=141),
+    "h100": SimSpec("H100 SXM", bf16_tflops=989.5, fp32_tflops=67.0, bandwidth_gbs=3350, memory_gb=80),
+    "a100": SimSpec("A100 80GB SXM", bf16_tflops=312.0, fp32_tflops=19.5, bandwidth_gbs=2039, memory_gb=80),
+}
+
+
+def gpu_spec(torch_name: str) -> SimSpec | None:
+    """The datasheet numbers of a GPU by the name torch gives it, or None if it is not in GPUS.
+
+    >>> gpu_spec("NVIDIA H100 80GB HBM3").name, gpu_spec("NVIDIA H100 PCIe").name
+    ('H100 SXM', 'H100 PCIe')
+    """
+    name = torch_name.lower()
+    return next((spec for key, spec in GPUS.items() if all(w in name for w in key.split("-"))), None)
+
+
+def step_cost(sizes: dict, kv_per_token: int, dtype_bytes: int, q_lens, context_lens, num_sampled: int) -> dict:
+    """The bytes a step moves and the FLOPs it does: the roofline model (benchmarks/roofline.py sums it over
+    a recorded run; the simulated device waits it out step by step).
+
+        bytes = weights (read once per step) + KV read (every key and value the step's queries attend to)
+                + KV written (the step's new tokens)
+        flops = 2 x (linear weights) x new tokens + 2 x (LM head) x sampled rows + attention: 4 x n_heads x
+                head_dim x n_layer per (query, key) pair (QK^T and PV)
+
+    `sizes` is `model_sizes(...)` of the model; q_lens and context_lens are per request, the context counted
+    after the step (so a request's queries start at context - q_len).
+
+    >>> sizes = dict(params=600, linear_params=384, lm_head_params=40, attention_width=8)
+    >>> c = step_cost(sizes, kv_per_token=32, dtype_bytes=2, q_lens=[3, 2], context_lens=[3, 2], num_sampled=2)
+    >>> c["bytes"], c["flops"]
+    ({'weights': 1200, 'kv_read': 160, 'kv_write': 160}, {'linear': 3840, 'lm_head': 160, 'attention': 288})
+    """
+    q, ctx = np.asarray(q_lens, np.int64), np.asarray(context_lens, np.int64)
+    start = ctx - q
+    new = int(q.sum())
+    return dict(
+        bytes=dict(weights=sizes["params"] * dtype_bytes, kv_read=int(ctx.sum()) * kv_per_token,
+                   kv_write=new * kv_per_token),
+        flops=dict(
+            linear=2 * sizes["linear_params"] * new,
+            lm_head=2 * sizes["lm_head_params"] * num_sampled,
+            # query i of a request attends to its start + i + 1 keys
+            attention=2 * sizes["attention_width"] * int((q * start + q * (q + 1) // 2).sum()),
+        ),
+    )  # fmt: skip
+
+
+def model_sizes(model) -> dict:
+    """Parameter counts of a built model (on any device, "meta" included): all of them, those every new
+    token goes through (the layers' matmuls), the LM head (only sampled rows), and the attention width
+    2 x n_layer x n_heads x head_dim that prices a (query, key) pair."""
+    cfg = model.config
+    linear = sum(m.weight.numel() for m in model.blocks().modules() if isinstance(m, nn.Linear))
+    return dict(
+        params=sum(p.numel() for p in model.parameters()),
+        linear_params=linear,
+        lm_head_params=cfg.vocab_size * cfg.n_embd,
+        attention_width=2 * cfg.n_layer * cfg.n_head * cfg.head_dim,
+    )
+
+
+class SimDevice:
+    """A simulated GPU (--device sim:h200): no weights, no kernels. Each step takes the roofline time of
+    its real inputs (its weights, the KV pages it reads and writes, its FLOPs: `step_cost`) on a clock of
+    its own per pipeline stage, and returns deterministic token ids. Everything else — the scheduler, the
+    runner's input preparation, the loop, the events, the viewer — is the real engine, so a laptop shows
+    whether the host could keep this GPU busy. Everything it reports says simulated."""
+
+    simulated = True
+
+    def __init__(self, spec: SimSpec, lanes, recorder, sizes: dict, cfg, dtype_bytes: int, stop_ids):
+        self.spec, self.lanes, self.recorder = spec, lanes, recorder
+        self.sizes, self.dtype_bytes, self.vocab = sizes, dtype_bytes, cfg.vocab_size
+        self.kv_per_token = kv_bytes_per_token(cfg, dtype_bytes)
+        self.stop_ids = set(stop_ids)
+        self.bandwidth = spec.bandwidth_gbs * 1e9
+        self.peak = (spec.bf16_tflops if dtype_bytes <= 2 else spec.fp32_tflops) * 1e12
+        self.free_at = [0.0] * len(lanes)  # when each stage's simulated device is done with what it was given
+
+    def seconds(self, cost: dict) -> float:
+        return max(sum(cost["bytes"].values()) / self.bandwidth, sum(cost["flops"].values()) / self.peak)
+
+    def launch(self, step: int, x: StepInputs, stage) -> "SimHandle":
+        num_sampled = x.logits_indices.shape[0]
+        cost = step_cost(self.sizes, self.kv_per_token, self.dtype_bytes, x.q_lens, x.context_lens, num_sampled)
+        logits = 2 * num_sampled * self.vocab * 4  # the LM head's output, written and read by sampling
+        head = dict(bytes=dict(logits=logits), flops=dict(lm_head=cost["flops"].pop("lm_head")))
+        per_stage, sample = self.seconds(cost) / len(self.lanes), self.seconds(head)
+        t, spans = self.recorder.now(), []
+        for k, lane in enumerate(self.lanes):  # stage k starts when it is free and stage k - 1 is done
+            t = max(t, self.free_at[k])
+            spans.append(Span(t, t + per_stage, lane, "forward", step))
+            t += per_stage
+            if k == len(self.lanes) - 1:
+                spans.append(Span(t, t + sample, lane, "sample", step))
+                t += sample
+            self.free_at[k] = t
+        # a token that depends only on the position it fills: reproducible, and never a stop token
+        pos = x.positions[x.logits_indices].numpy() + 1
+        ids = [t if t not in self.stop_ids else (t + 1) % self.vocab for t in (pos * 40503 % self.vocab).tolist()]
+        return SimHandle(self.recorder, step, t, spans, ids)
+
+
+class SimHandle:
+    def __init__(self, recorder, step, end, spans, ids):
+        self.recorder, self.step, self.end, self.spans, self.ids = recorder, step, end, spans, ids
+
+    def result(self, timeout=None):
+        wait = self.end - self.recorder.now()
+        if timeout is not None and wait > timeout:
+            time.sleep(timeout)
+            raise TimeoutError(f"step {self.step} is still running on the simulated device after {timeout:g} s")
+        if wait > 0:
+            time.sleep(wait)
+        for s in self.spans:
+            self.recorder.emit(s)
+        return self.ids
+
+
+# --- the runner: one step's inputs, the forward over the paged cache, sampling ------------------------
 
 
 class DecodeGraphs:
@@ -519,26 +1034,26 @@ class DecodeGraphs:
                 self.logits[b] = fn()
             self.graphs[b], pool = graph, graph.pool()
 
-    def can_run(self, x) -> bool:
+    def can_run(self, x: "StepInputs") -> bool:
         return (
-            x["meta"].max_q == 1
-            and not x["meta"].page_writes
-            and x["num_rows"] <= self.sizes[-1]
-            and x["logits_indices"].shape[0] == x["num_rows"]
+            x.meta.max_q == 1
+            and not x.meta.page_writes
+            and x.num_rows <= self.sizes[-1]
+            and x.logits_indices.shape[0] == x.num_rows
         )
 
-    def run(self, x):
-        n = x["num_rows"]
+    def run(self, x: "StepInputs"):
+        n, meta = x.num_rows, x.meta
         b = next(size for size in self.sizes if size >= n)
-        w = x["block_tables"].shape[1]
+        w = meta.block_tables.shape[1]
         for buf, src in (
-            (self.input_ids, x["input_ids"]),
-            (self.positions, x["positions"]),
-            (self.slot_mapping, x["slot_mapping"]),
-            (self.context_lens, x["context_lens"]),
+            (self.input_ids, x.input_ids),
+            (self.positions, x.positions),
+            (self.slot_mapping, meta.slot_mapping),
+            (self.context_lens, meta.context_lens),
         ):
             buf[:n].copy_(src)
-        self.block_tables[:n, :w].copy_(x["block_tables"])
+        self.block_tables[:n, :w].copy_(meta.block_tables)
         self.slot_mapping[n:b].fill_(-1)  # padding rows write nowhere ...
         self.context_lens[n:b].fill_(1)  # ... and read one key; their logits are dropped
         if not self.capture:
@@ -547,306 +1062,210 @@ class DecodeGraphs:
         return self.logits[b][:n]
 
 
-class Worker:
-    """A daemon thread that runs the calls given to it one after another; `submit` returns a Future whose
-    .result() re-raises the call's error. A daemon, unlike ThreadPoolExecutor's threads, so that a step that
-    hangs forever (the engine's watchdog gave up on it) cannot keep the process from exiting; a thread that
-    is not stuck is stopped and joined when its Worker goes, or at exit."""
-
-    def __init__(self, name: str):
-        self.calls = queue.SimpleQueue()
-        thread = threading.Thread(target=Worker._loop, args=(self.calls,), name=name, daemon=True)
-        thread.start()
-        weakref.finalize(self, Worker._stop, self.calls, thread)
-
-    @staticmethod
-    def _stop(calls, thread):
-        calls.put(None)
-        if thread is not threading.current_thread():
-            thread.join(timeout=1.0)  # a stuck step is left behind
-
-    def submit(self, fn, *args) -> Future:
-        fut = Future()
-        self.calls.put((fut, fn, args))
-        return fut
-
-    @staticmethod
-    def _loop(calls):
-        while (call := calls.get()) is not None:
-            fut, fn, args = call
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
-                fut.set_exception(e)
-            del call, fut, fn, args
-
-
-class CUDAHandle:
-    """A step launched on the GPU. Its sampled ids are copied into pinned memory behind the kernels;
-    .result() waits for that copy, then records the step's device spans from its CUDA events.
-    (On CPU the handle is the device thread's Future, whose .result() re-raises the step's error.)"""
-
-    def __init__(self, runner, step, ids_cpu, done, marks, inputs):
-        self.runner, self.step, self.ids_cpu, self.done, self.marks = runner, step, ids_cpu, done, marks
-        self.inputs = inputs
-
-    def result(self, timeout=None):
-        if timeout is not None:  # CUDA events have no timed wait: poll
-            deadline = time.perf_counter() + timeout
-            while not self.done.query():
-                if time.perf_counter() > deadline:
-                    raise TimeoutError(f"step {self.step} is still running on the GPU after {timeout:g} s")
-                time.sleep(1e-4)
-        self.done.synchronize()
-        self.inputs = None
-        for a, b, lane, name in self.marks:
-            t = self.runner.event_time
-            self.runner.recorder.emit(Span(t(a), t(b), lane, name, self.step))
-        return self.ids_cpu.tolist()
-
-
 class ModelRunner:
     """Turns a scheduled Batch into tensors, runs the model over the paged KV cache and samples.
 
-    `submit(batch)` returns at once with a handle; on CPU the step runs on a device thread (torch
-    releases the GIL inside its ops, so the engine thread keeps scheduling meanwhile), on CUDA the
-    kernels are queued on the stream.
+    `submit(batch)` prepares the step's inputs and hands them to the device, which returns at once with a
+    handle whose .result() is the sampled ids. The runner only computes; where and when a step runs (a
+    thread per stage, CUDA streams, a simulated clock) is the device's business.
     """
 
-    def __init__(
-        self,
-        model: GPT,
-        cfg: GPTConfig,
-        *,
-        num_blocks,
-        block_size,
-        device,
-        recorder,
-        seed=0,
-        pp=1,
-        attention="auto",
-        cuda_graphs=False,
-        max_num_seqs=256,
-        max_model_len=1024,
-    ):
-        self.model, self.cfg, self.device, self.recorder = model, cfg, device, recorder
-        if not 1 <= pp <= cfg.n_layer:
-            raise ValueError(f"--pp {pp}: need between 1 and the model's {cfg.n_layer} layers per pipeline")
+    def __init__(self, model, cfg: EngineConfig, device, recorder, sim: SimSpec | None = None):
+        mc = model.config
+        self.model, self.mc, self.device, self.recorder = model, mc, device, recorder
+        self.block_size, self.vocab = cfg.block_size, mc.vocab_size
+        if not 1 <= cfg.pp <= mc.n_layer:
+            raise ValueError(f"--pp {cfg.pp}: need between 1 and the model's {mc.n_layer} layers per pipeline")
         # pipeline stage k runs layers bounds[k] .. bounds[k+1] - 1
-        self.pp, self.bounds = pp, [cfg.n_layer * k // pp for k in range(pp + 1)]
-        self.lanes = ["device"] if pp == 1 else [f"device/{k}" for k in range(pp)]
-        self.block_size = block_size
-        dtype = next(model.parameters()).dtype
-        shape = (num_blocks, block_size, cfg.n_head, cfg.head_dim)
-        # Every slot that attention reads must hold a finite number, written or not (kernels/reference.py).
-        # On a GPU the cache is zeroed once. On CPU zeroing it all at once commits all of its memory (GBs for
-        # GPT-2), which measured slower than memory the OS maps in at first touch: there each page is zeroed
-        # by the step that first writes it (`fresh` in prepare), and page 0, which pads block tables, now.
-        alloc = torch.zeros if device.type == "cuda" else torch.empty
-        self.kv_caches = [
-            (alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device))
-            for _ in range(cfg.n_layer)
-        ]
-        self.zeroed = bytearray([device.type == "cuda"]) * num_blocks  # pages zeroed so far: on a GPU, all
-        for k_cache, v_cache in self.kv_caches:
-            k_cache[0], v_cache[0] = 0, 0
-        self.zeroed[0] = 1
-        self.ops = attention_backend(attention, device, cfg)
-        self.generator = torch.Generator(device).manual_seed(seed)  # requests without a seed of their own
-        self.request_gen = torch.Generator(device)  # re-seeded per token for requests with a seed
-        # on CPU each pipeline stage (just one without --pp) is a thread; on CUDA a stream orders the work,
-        # with --pp a stream per stage, so that the stages of different microbatches overlap on the GPU
-        self.pools = [Worker(lane) for lane in self.lanes] if device.type == "cpu" else None
-        self.streams = [torch.cuda.Stream(device) for _ in range(pp)] if device.type == "cuda" and pp > 1 else None
-        self.prev_rows = {}  # request id -> its row in the previous step's sampled ids (for placeholders)
-        self.prev_sampled = None  # that step's sampled ids, still on the device
-        if device.type == "cuda":  # device times are read from CUDA events, relative to this anchor
-            self.anchor = torch.cuda.Event(enable_timing=True)
-            self.anchor.record()
-            self.anchor.synchronize()
-            self.anchor_t = recorder.now()
+        self.pp, self.bounds = cfg.pp, [mc.n_layer * k // cfg.pp for k in range(cfg.pp + 1)]
+        lanes = ["device"] if cfg.pp == 1 else [f"device/{k}" for k in range(cfg.pp)]
+        self.ops = attention_backend(cfg.attention, device, mc)
+        self.rows = InputBatch(-(-cfg.max_model_len // cfg.block_size), mc.vocab_size)
+        self.staging = Staging(device, count=max(cfg.pp, SCHEDULERS[cfg.sched].depth) + 1)
+        self.prev_rows: dict[str, int] = {}  # request id -> its row in the previous step's sampled ids
+        self.prev_sampled = None  # that step's sampled ids, still on the device (placeholders read them)
+        self.graphs = None
+        if sim is not None:  # no weights, no cache: the simulated device only needs the sizes
+            dtype_bytes = next(model.parameters()).element_size()
+            stops = [mc.eos_token_id] if mc.eos_token_id is not None else []
+            self.dev = SimDevice(sim, lanes, recorder, model_sizes(model), mc, dtype_bytes, stops)
+            self.kv_caches, self.zeroed = [], None
+            return
+        self.kv_caches, self.zeroed = self.allocate_cache(cfg.num_blocks)
+        self.generator = torch.Generator(device).manual_seed(cfg.seed)  # rows without a seed of their own
+        self.dev = CUDADevice(device, lanes, recorder) if device.type == "cuda" else CPUDevice(lanes, recorder)
+        if cfg.cuda_graphs and cfg.pp == 1:
+            self.graphs = DecodeGraphs(self, cfg.max_num_seqs, cfg.max_model_len)
 
-        self.graphs = DecodeGraphs(self, max_num_seqs, max_model_len) if cuda_graphs and pp == 1 else None
+    def allocate_cache(self, num_blocks: int):
+        """The paged KV cache: per layer a key and a value pool of (num_blocks, block_size, n_kv_heads, head_dim).
+
+        Every slot that attention reads must hold a finite number, written or not (kernels/reference.py).
+        On a GPU the cache is zeroed once. On CPU zeroing it all at once commits all of its memory (GBs for
+        GPT-2), which measured slower than memory the OS maps in at first touch: there each page is zeroed
+        by the step that first writes it (`zeroed`, in prepare), and page 0, which pads block tables, now.
+        """
+        mc, cuda = self.mc, self.device.type == "cuda"
+        dtype = next(self.model.parameters()).dtype
+        shape = (num_blocks, self.block_size, mc.n_kv_heads, mc.head_dim)
+        alloc = torch.zeros if cuda else torch.empty
+        caches = [(alloc(shape, dtype=dtype, device=self.device), alloc(shape, dtype=dtype, device=self.device))
+                  for _ in range(mc.n_layer)]  # fmt: skip
+        for k_cache, v_cache in caches:
+            k_cache[0], v_cache[0] = 0, 0
+        zeroed = np.full(num_blocks, cuda)  # pages zeroed so far: on a GPU, all
+        zeroed[0] = True
+        return caches, zeroed
 
     def reset(self):
         """Forget the previous step's sampled ids: after a failed step nothing may take a placeholder from it."""
         self.prev_rows, self.prev_sampled = {}, None
 
-    def event_time(self, event) -> float:
-        return self.anchor_t + self.anchor.elapsed_time(event) / 1e3
-
-    def _mark(self):
-        """Now, on the device's clock: a host time on CPU, a recorded CUDA event on a GPU."""
-        if self.pools is not None:
-            return self.recorder.now()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
     def submit(self, batch):
+        """Prepare the step's inputs and launch it; returns the device's handle at once."""
         t = self.recorder.now()
-        inputs = self.prepare(batch)
+        x = self.prepare(batch)
         self.recorder.emit(Span(t, self.recorder.now(), "cpu", "prepare", batch.step))
-        if self.pools is not None:  # a chain of futures: stage k starts on this batch when stage k-1 is done
-            fut = self.pools[0].submit(self.run_stage, 0, inputs, None, batch.step)
-            for k in range(1, self.pp):
-                fut = self.pools[k].submit(lambda k=k, prev=fut: self.run_stage(k, inputs, prev.result(), batch.step))
-            return fut
-        h, marks = None, []
-        prev = torch.cuda.current_stream(self.device)  # prepare copied the inputs on it
-        for k in range(self.pp):
-            stream = prev if self.streams is None else self.streams[k]
-            if stream != prev:  # --pp: stage k of this batch starts when stage k - 1 of it is done
-                stream.wait_stream(prev)
-                if h is not None:  # made on stage k - 1's stream: not to be reused before this one has read it
-                    h.record_stream(stream)
-            with torch.cuda.stream(stream):
-                h = self.run_stage(k, inputs, h, batch.step, marks)
-            prev = stream
-        with torch.cuda.stream(prev):
-            ids_cpu = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
-            ids_cpu.copy_(h, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-        # the handle keeps the inputs alive until the last stage is done with them
-        return CUDAHandle(self, batch.step, ids_cpu, done, marks, inputs)
+        return self.dev.launch(batch.step, x, self.stage)
 
-    def prepare(self, batch) -> dict:
-        """Flat token ids, positions and cache slots of the step, plus per-request attention data."""
-        bs = self.block_size
-        ids, pos, slots, cu, ctx, logits_idx, ph_dst, ph_src = [], [], [], [0], [], [], [], []
-        page_writes, scatter_rows, fresh = [], [], []
-        for r in batch.requests:
-            n = len(r.token_ids)
-            if r.token_ids[-1] == PLACEHOLDER:  # sampled by the step before this one, still on the device
-                if r.request.request_id not in self.prev_rows:
-                    raise RuntimeError(
-                        f"step {batch.step}: request {r.request.request_id} has a placeholder "
-                        "but was not sampled by the previous step"
-                    )
-                ph_dst.append(len(ids) + n - 1)
-                ph_src.append(self.prev_rows[r.request.request_id])
-            ids += r.token_ids
-            p = range(r.start, r.start + n)
-            pos += p
-            slots += [r.block_table[i // bs] * bs + i % bs for i in p]
-            written = r.block_table[r.start // bs : -(-(r.start + n) // bs)]  # the pages this step writes
-            for page in written:  # a page never zeroed is zeroed by this step, before its write (see __init__)
-                if not self.zeroed[page]:
-                    self.zeroed[page] = 1
-                    fresh.append(page)
-            if r.start % bs == 0 and n >= max(bs, 2):  # a chunk from a page boundary: write it page by page
-                page_writes.append((cu[-1], cu[-1] + n, written))
-            else:
-                scatter_rows += range(cu[-1], cu[-1] + n)
-            cu.append(cu[-1] + n)
-            ctx.append(r.start + n)
-            if r.sample:
-                logits_idx.append(cu[-1] - 1)  # the request's last new token predicts its next one
-        max_pages = max(len(r.block_table) for r in batch.requests)
-        tables = [r.block_table + [0] * (max_pages - len(r.block_table)) for r in batch.requests]
+    def prepare(self, batch) -> StepInputs:
+        """The step's flat token ids, positions and cache slots, and per request its attention data, gathered
+        with a handful of numpy operations over the persistent rows and moved to the device in one copy."""
+        bs, rows, reqs = self.block_size, self.rows, batch.requests
+        B, rowmap = len(reqs), rows.rows
+        # what the scheduler decided, per request: the only passes over the requests (comprehensions, each cheap)
+        row = np.array(
+            [rows.row(r.request.request_id, r.pages_from, r.new_pages, r.request.params) if r.new_pages
+             else rowmap[r.request.request_id] for r in reqs]
+        )  # fmt: skip
+        rows.release(batch.finished)  # after the rows are read: a request aborted while its batch waited is in it
+        start = np.fromiter([r.start for r in reqs], np.int64, B)
+        q_len = np.fromiter([len(r.token_ids) for r in reqs], np.int64, B)
+        sample = np.fromiter([r.sample for r in reqs], bool, B)
+        ids = list(itertools.chain.from_iterable([r.token_ids for r in reqs]))
+        # a placeholder: the token the step before this one sampled, still on the device
+        placeholders = [i for i, r in enumerate(reqs) if r.token_ids[-1] == PLACEHOLDER]
+        try:
+            ph_src = [self.prev_rows[reqs[i].request.request_id] for i in placeholders]
+        except KeyError as e:
+            raise RuntimeError(f"step {batch.step}: request {e} has a placeholder no step sampled") from None
         sampled = batch.sampled
         self.prev_rows = {r.request.request_id: i for i, r in enumerate(sampled)}
-        as_tensor = lambda x, dt=torch.int64: torch.tensor(x, dtype=dt).to(self.device, non_blocking=True)
-        max_q, max_ctx = max(len(r.token_ids) for r in batch.requests), max(ctx)
-        x = dict(
-            input_ids=as_tensor(ids),
-            positions=as_tensor(pos),
-            logits_indices=as_tensor(logits_idx),
-            slot_mapping=as_tensor(slots),
-            cu_seqlens_q=as_tensor(cu, torch.int32),
-            context_lens=as_tensor(ctx, torch.int32),
-            block_tables=as_tensor(tables, torch.int32),
-            num_rows=len(ids),
-            placeholder_dst=as_tensor(ph_dst) if ph_dst else None,
-            placeholder_src=as_tensor(ph_src),
-            params=[r.params for r in sampled],
-            num_outputs=[r.num_outputs for r in sampled],
+        cu = np.zeros(B + 1, np.int64)
+        np.cumsum(q_len, out=cu[1:])
+        N, ctx = int(cu[-1]), start + q_len
+        positions = np.repeat(start - cu[:-1], q_len) + np.arange(N)  # request i's rows count up from start[i]
+        pages = rows.tables[np.repeat(row, q_len), positions // bs].astype(np.int64)
+        slots = pages * bs + positions % bs
+        max_pages = int(-(-ctx.max() // bs))
+        # int64: ids, positions, slots, page ids, scatter rows and slots, fresh pages (<= N each), logits rows,
+        # placeholders, seeded rows and keys (<= B each); int32: cu_seqlens, context lengths, block tables;
+        # float32: temperature, top-p; bool: greedy, cut-k
+        w = self.staging.writer(n64=7 * N + 6 * B, n32=2 * B + 1 + B * max_pages, nf=2 * B, nb=2 * B)
+        part = dict(
+            input_ids=w.put(ids, np.int64),
+            positions=w.put(positions, np.int64),
+            slots=w.put(slots, np.int64),
+            logits=w.put(cu[1:][sample] - 1, np.int64),
+            cu=w.put(cu, np.int32),
+            ctx=w.put(ctx, np.int32),
+            tables=w.put(rows.tables[row, :max_pages], np.int32),
         )
-        x["meta"] = meta = AttnMetadata(
-            x["slot_mapping"],
-            x["cu_seqlens_q"],
-            x["context_lens"],
-            x["block_tables"],
-            max_q,
-            max_ctx,
-            self.kv_caches,
-            self.ops,
-        )
-        if fresh:
-            meta.fresh_pages = as_tensor(fresh)
-        if page_writes:
-            meta.page_writes = [(a, b, as_tensor(pages)) for a, b, pages in page_writes]
-            if scatter_rows:
-                meta.scatter_rows = as_tensor(scatter_rows)
-                meta.scatter_slots = as_tensor([slots[i] for i in scatter_rows])
-        return x
+        if placeholders:
+            part.update(ph_dst=w.put(cu[1:][placeholders] - 1, np.int64), ph_src=w.put(ph_src, np.int64))
+        page_writes, scatter_rows = self.page_writes(row, start, q_len, cu, w)
+        if scatter_rows is not None:
+            part.update(scatter=w.put(scatter_rows, np.int64), scatter_slots=w.put(slots[scatter_rows], np.int64))
+        if self.zeroed is not None and not self.zeroed[pages].all():  # pages written for the first time (CPU)
+            fresh = np.unique(pages[~self.zeroed[pages]])
+            self.zeroed[fresh] = True
+            part["fresh"] = w.put(fresh, np.int64)
+        a = rows.sampling(row[sample], [r.num_outputs for r in sampled])
+        if a is not None:
+            k_max = a.pop("top_k_max")
+            s_parts = {k: w.put(v, v.dtype.type) for k, v in a.items()}
+        t = w.send()
+        get = lambda k: t[part[k]] if k in part else None
+        meta = AttnMetadata(
+            get("slots"), get("cu"), get("ctx"), get("tables"), int(q_len.max()), int(ctx.max()),
+            self.kv_caches, self.ops,
+            page_writes=[(a, b, t[i]) for a, b, i in page_writes],
+            scatter_rows=get("scatter"), scatter_slots=get("scatter_slots"), fresh_pages=get("fresh"),
+        )  # fmt: skip
+        sampling = Sampling(True)
+        if a is not None:
+            sampling = Sampling(False, **{k: t[i] for k, i in s_parts.items()}, top_k_max=k_max)
+        return StepInputs(
+            get("input_ids"), get("positions"), get("logits"), meta, sampling, get("ph_dst"), get("ph_src"), N,
+            q_len, ctx,
+        )  # fmt: skip
+
+    def page_writes(self, row, start, q_len, cu, w):
+        """Chunks that start on a page boundary are written to the cache a page at a time: (first row, end row,
+        index of their page ids) each; the other rows (decodes, chunks mid-page) by slot, or None if none."""
+        bs = self.block_size
+        aligned = np.flatnonzero((start % bs == 0) & (q_len >= max(bs, 2)))
+        if not len(aligned):
+            return [], None
+        writes = []
+        for i in aligned.tolist():
+            first, n = int(start[i]) // bs, int(q_len[i])
+            pages = w.put(self.rows.tables[row[i], first : first - (-n // bs)], np.int64)
+            writes.append((int(cu[i]), int(cu[i]) + n, pages))
+        if len(aligned) == len(row):
+            return writes, None
+        by_slot = np.ones(int(cu[-1]), bool)
+        for a, b, _ in writes:
+            by_slot[a:b] = False
+        return writes, np.flatnonzero(by_slot)
 
     @torch.inference_mode()
-    def run_stage(self, k: int, x: dict, h, step: int, marks=None):
-        """Pipeline stage k of one step: stage 0 embeds, every stage runs its layers, the last one runs
-        the LM head and samples. Returns the hidden states for stage k + 1, or the sampled ids.
+    def stage(self, k: int, x: StepInputs, h, timer):
+        """Pipeline stage k of one step: stage 0 embeds, every stage runs its layers, the last one runs the
+        LM head and samples. Returns the hidden states for stage k + 1, or the sampled ids."""
+        last = k == self.pp - 1
+        with timer.span("forward"):
+            if k == 0 and x.placeholder_dst is not None:  # tokens the previous step sampled, device to device
+                x.input_ids[x.placeholder_dst] = self.prev_sampled[x.placeholder_src]
+            if self.graphs is not None and self.graphs.can_run(x):  # a decode step: replay a graph
+                logits = self.graphs.run(x)
+            else:
+                if k == 0:
+                    h = self.model.embed(x.input_ids, x.positions)
+                h = self.model.layers(h, x.meta, self.bounds[k], self.bounds[k + 1])
+                if last:
+                    logits = self.model.head(h, x.logits_indices)
+        if not last:
+            return h
+        with timer.span("sample"):
+            self.prev_sampled = self.sample(logits.float(), x.sampling)
+        return self.prev_sampled
 
-        On CPU it runs on stage k's thread and records its spans at once (the ids come back as a list);
-        on CUDA it only queues kernels, and appends the events that will time them to `marks`.
-        """
-        m0, lane = self._mark(), self.lanes[k]
-        spans = marks if marks is not None else []
-        if k == 0 and x["placeholder_dst"] is not None:  # tokens the previous step sampled, device to device
-            x["input_ids"][x["placeholder_dst"]] = self.prev_sampled[x["placeholder_src"]]
-        if self.graphs is not None and self.graphs.can_run(x):  # a decode step: replay a graph
-            logits = self.graphs.run(x)
-        else:
-            if k == 0:
-                h = self.model.embed(x["input_ids"], x["positions"])
-            h = self.model.layers(h, x["meta"], self.bounds[k], self.bounds[k + 1])
-            if k == self.pp - 1:
-                logits = self.model.head(h, x["logits_indices"])
-        if k == self.pp - 1:
-            m1 = self._mark()
-            h = self.prev_sampled = self.sample(logits.float(), x["params"], x["num_outputs"])
-            spans += [(m0, m1, lane, "forward"), (m1, self._mark(), lane, "sample")]
-        else:
-            spans.append((m0, self._mark(), lane, "forward"))
-        if marks is None:  # CPU: the times are known now
-            for a, b, ln, name in spans:
-                self.recorder.emit(Span(a, b, ln, name, step))
-            return h.tolist() if k == self.pp - 1 else h
-        return h
-
-    def sample(self, logits, params: list[SamplingParams], num_outputs: list[int]) -> torch.Tensor:
+    def sample(self, logits, s: Sampling) -> torch.Tensor:
         """One token per row: argmax when temperature is 0, else temperature, top-k, top-p, then a draw.
+        Nothing here reads a device value back on the host: every decision that needs one was made on the
+        host from the requests' parameters (`Sampling`), so the GPU never waits for the CPU here.
 
-        The draw is the exponential race (argmax of p / E, E ~ Exp(1)), which samples p exactly and lets
-        a request with a seed take its noise from a generator seeded by (seed, token index): its tokens
-        then do not depend on which other requests share the batch.
+        The draw is the exponential race (argmax of p / E, E ~ Exp(1)), which samples p exactly; one call
+        draws the noise of every row, and rows with a seed of their own take theirs from a hash of (seed,
+        token index) instead (`seeded_noise`), so their tokens do not depend on which requests share the batch.
         """
         greedy = logits.argmax(dim=-1)
-        if all(p.greedy for p in params):
+        if s.all_greedy:
             return greedy
-        B, V = logits.shape
-        temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
-        logits = logits / temp[:, None]
-        top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=logits.device)
-        if (top_k < V).any():  # keep the k largest: everything below the k-th value goes
-            cut = top_k < V
-            k_max = int(top_k[cut].max())
-            kth = logits.topk(k_max, dim=-1).values.gather(1, (top_k.clamp(max=k_max) - 1)[:, None])
-            logits = logits.masked_fill((logits < kth) & cut[:, None], float("-inf"))
+        logits = logits / s.temperature[:, None]
+        if s.top_k_max:  # keep the k largest: everything below the k-th value goes
+            kth = logits.topk(s.top_k_max, dim=-1).values.gather(1, (s.top_k - 1)[:, None])
+            logits = logits.masked_fill((logits < kth) & s.cut_k[:, None], float("-inf"))
         probs = logits.softmax(dim=-1)
-        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-        if (top_p < 1).any():
+        if s.top_p is not None:
             p_sorted, idx = probs.sort(dim=-1, descending=True)
-            drop = p_sorted.cumsum(dim=-1) - p_sorted >= top_p[:, None]  # keep the smallest set reaching top_p
+            drop = p_sorted.cumsum(dim=-1) - p_sorted >= s.top_p[:, None]  # keep the smallest set reaching top_p
             probs = probs.scatter(1, idx, p_sorted.masked_fill(drop, 0.0))
-        noise = torch.empty_like(probs)
-        for i, (p, n) in enumerate(zip(params, num_outputs)):
-            if p.seed is not None:
-                self.request_gen.manual_seed(hash((p.seed, n)) & 0x7FFF_FFFF_FFFF_FFFF)
-            noise[i].exponential_(generator=self.request_gen if p.seed is not None else self.generator)
-        sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        return torch.where(is_greedy, greedy, sampled)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        if s.seeded is not None:
+            noise[s.seeded] = seeded_noise(s.seed_keys, probs.shape[1])
+        return torch.where(s.greedy, greedy, (probs / noise).argmax(dim=-1))
 
 
 # -----------------------------------------------------------------------------
@@ -864,83 +1283,6 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
-@dataclass
-class EngineConfig:
-    """Every setting of an engine, declared once (as nano-vllm's Config, vLLM's EngineArgs): `LLM(**kwargs)`
-    takes these names, the command line the same with dashes, and `--output-json` writes them as resolved
-    when the engine was built. Checked when made: a bad value raises ValueError naming the setting.
-
-    >>> EngineConfig(block_size=0)
-    Traceback (most recent call last):
-    ValueError: block_size=0 (--block-size) must be at least 1
-    """
-
-    model: str | None = None  # a Hugging Face folder or hub id; None: the embedded models/shakespeare
-    sched: str = "sync"
-    load_format: str = "auto"  # "dummy": random weights of the model's shape
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on a GPU
-    device: str | None = None  # cpu, cuda, cuda:N; None: cuda if there is one
-    attention: str = "auto"  # --attention-backend: auto, reference, triton
-    enforce_eager: bool = False  # no CUDA graphs
-    cuda_graphs: bool | None = None  # None: on CUDA unless enforce_eager (True off CUDA runs their buffers eagerly)
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # None: the model's context
-    num_gpu_blocks_override: int | None = None  # None: as many KV pages as fit
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    pp: int = 1
-    step_timeout_s: float | None = None  # a step running longer fails the run (a watchdog); None: wait forever
-
-    def __post_init__(self):
-        flag = lambda name: f"{name}={getattr(self, name)!r} (--{FLAGS.get(name, name.replace('_', '-'))})"
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "pp"):
-            setattr(self, name, self._int(name, flag, lo=1))
-        for name in ("max_model_len", "num_gpu_blocks_override"):
-            if getattr(self, name) is not None:
-                setattr(self, name, self._int(name, flag, lo=2 if name == "max_model_len" else 1))
-        self.seed = self._int("seed", flag, lo=0)
-        if self.seed >= MAX_SEED:
-            raise ValueError(f"{flag('seed')} is outside [0, 2**64); pick a smaller seed")
-        if self.sched not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {self.sched!r}; choose one of: {', '.join(SCHEDULERS)}")
-        for name, choices in (("load_format", LOAD_FORMATS), ("dtype", DTYPES), ("attention", ATTENTION)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{flag(name)} is not one of: {', '.join(choices)}")
-        for name in ("enforce_eager", "enable_prefix_caching"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{flag(name)} must be True or False")
-        self.gpu_memory_utilization = as_float(self.gpu_memory_utilization, "gpu_memory_utilization")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"{flag('gpu_memory_utilization')} must be in (0, 1]")
-        if self.step_timeout_s is not None:
-            self.step_timeout_s = as_float(self.step_timeout_s, "step_timeout_s")
-            if self.step_timeout_s <= 0:
-                raise ValueError(f"{flag('step_timeout_s')} must be positive, or None to wait forever")
-        if self.device is not None and not DEVICE_NAME.fullmatch(str(self.device)):
-            raise ValueError(f"{flag('device')} is not a device; use cpu, cuda or cuda:N")
-        if self.pp > 1 and SCHEDULERS[self.sched].allow_placeholders:
-            raise ValueError(
-                f"--sched {self.sched} plans on tokens still in flight, which --pp {self.pp} microbatches do not "
-                "allow; use --sched sync or balanced with --pp"
-            )
-
-    def _int(self, name, flag, lo):
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, int) and not hasattr(value, "__index__"):
-            raise ValueError(f"{flag(name)} must be an integer")
-        if int(value) < lo:
-            raise ValueError(f"{flag(name)} must be at least {lo}")
-        return int(value)
-
-
-FLAGS = {"attention": "attention-backend"}  # the settings whose flag is not their name with dashes
-LOAD_FORMATS = ("auto", "dummy")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-ATTENTION = ("auto", "reference", "triton")
-DEVICE_NAME = re.compile(r"cpu|cuda(:\d+)?")
 MAX_ARRIVAL_S = 24 * 3600.0  # a request may be scheduled to arrive at most a day after the run starts
 
 
@@ -983,59 +1325,46 @@ class LLM:
         from viz.trace import Recorder
 
         cfg = EngineConfig(model, **kwargs)  # fails before anything is loaded
-        self.device = resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, self.device)
-        self.model, self.model_config, self.tokenizer, self.model_name = load_model(
-            cfg.model, cfg.load_format, dtype, self.device
+        if cfg.num_blocks is not None or cfg.eos_token_ids:
+            raise ValueError("num_blocks and eos_token_ids are the engine's to resolve; use num_gpu_blocks_override")
+        self.sim = GPUS[cfg.device[4:]] if cfg.simulated else None
+        self.device = torch.device("cpu") if self.sim else resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, torch.device("cuda") if self.sim else self.device)
+        # a simulated device builds no weights: the model's shapes live on torch's "meta" device
+        self.model, self.tokenizer, self.model_name = load_model(
+            cfg.model, "dummy" if self.sim else cfg.load_format, dtype, "meta" if self.sim else self.device
         )
-        mc = self.model_config
+        mc = self.model_config = self.model.config
         if cfg.max_model_len is not None and cfg.max_model_len > mc.n_positions:
             raise ValueError(f"--max-model-len {cfg.max_model_len} is more than the model's context, {mc.n_positions}")
-        self.max_model_len = cfg.max_model_len or mc.n_positions
-        self.num_blocks = cfg.num_gpu_blocks_override or choose_num_blocks(
-            mc, cfg.block_size, dtype, self.device, cfg.max_num_seqs, self.max_model_len, cfg.gpu_memory_utilization
-        )
-        self.recorder = Recorder()
-        self.scheduler = make_scheduler(
-            cfg.sched,
-            SchedulerConfig(
-                num_blocks=self.num_blocks,
-                block_size=cfg.block_size,
-                max_num_seqs=cfg.max_num_seqs,
-                max_num_batched_tokens=cfg.max_num_batched_tokens,
-                max_model_len=self.max_model_len,
-                eos_token_id=mc.eos_token_id,
-                enable_prefix_caching=cfg.enable_prefix_caching,
-            ),
-            self.recorder,
-            cfg.pp,
-        )
-        graphs = (self.device.type == "cuda" and not cfg.enforce_eager) if cfg.cuda_graphs is None else cfg.cuda_graphs
-        self.runner = ModelRunner(
-            self.model,
-            mc,
-            num_blocks=self.num_blocks,
-            block_size=cfg.block_size,
-            device=self.device,
-            recorder=self.recorder,
-            seed=cfg.seed,
-            pp=cfg.pp,
-            attention=cfg.attention,
-            cuda_graphs=graphs,
-            max_num_seqs=cfg.max_num_seqs,
-            max_model_len=self.max_model_len,
-        )
-        # what actually runs: the settings resolved
-        self.config = replace(
+        max_model_len = cfg.max_model_len or mc.n_positions
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        num_blocks = cfg.num_gpu_blocks_override or choose_num_blocks(
+            mc, cfg.block_size, dtype.itemsize, self.sim or self.device, cfg.max_num_seqs, max_model_len,
+            cfg.gpu_memory_utilization, weight_bytes,
+        )  # fmt: skip
+        graphs = self.device.type == "cuda" and not cfg.enforce_eager if cfg.cuda_graphs is None else cfg.cuda_graphs
+        self.config = replace(  # what actually runs: every setting resolved
             cfg,
             model=self.model_name,
             dtype=str(dtype).split(".")[-1],
-            device=str(self.device),
-            attention="reference" if self.runner.ops is reference else "triton",
-            cuda_graphs=self.runner.graphs is not None,
-            max_model_len=self.max_model_len,
+            device=cfg.device if self.sim else str(self.device),
+            max_model_len=max_model_len,
+            num_blocks=num_blocks,
+            eos_token_ids=() if mc.eos_token_id is None else (mc.eos_token_id,),
+            cuda_graphs=bool(graphs) and not self.sim,
         )
-        self.recorder.emit(RunInfo(0.0, self.num_blocks, cfg.block_size, self.describe()))
+        self.recorder = Recorder()
+        self.scheduler = make_scheduler(self.config, self.recorder)
+        self.runner = ModelRunner(self.model, self.config, self.device, self.recorder, self.sim)
+        self.config.attention = next((k for k, m in BACKENDS.items() if m is self.runner.ops), "triton")
+        self.config.cuda_graphs = self.runner.graphs is not None
+        self.num_blocks, self.max_model_len = num_blocks, max_model_len
+        self.recorder.emit(RunInfo(0.0, num_blocks, cfg.block_size, self.describe()))
+        # the objects made so far (torch's, the model's) live as long as the engine: keep them out of every
+        # garbage collection from now on, which would otherwise walk them all, in the middle of steps (as
+        # vLLM does); at exit they go back, so that everything is freed in order
+        gc.freeze()
         self.pending: list[Request] = []  # added, not yet arrived (arrival_s in the future)
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.next_request_id = itertools.count()  # ids "0", "1", ... per engine, as in vLLM
@@ -1051,7 +1380,10 @@ class LLM:
 
     def describe(self) -> dict:
         """The resolved settings as a dict: --output-json's "config" and the trace's RunInfo."""
-        return {**asdict(self.config), "num_blocks": self.num_blocks, "torch_threads": torch.get_num_threads()}
+        out = {**asdict(self.config), "torch_threads": torch.get_num_threads()}
+        if self.sim:  # said plainly wherever the run is reported
+            out["simulated"] = f"{self.sim.name}: roofline time per step, no model run, deterministic tokens"
+        return out
 
     # --- requests in: any thread ----------------------------------------------------------------
 
@@ -1073,8 +1405,7 @@ class LLM:
             params.validate()
             req.params = params
             req.arrival_time = as_arrival(arrival_s)
-            req.prompt_token_ids = self.tokenize(prompt)
-            req.token_ids = list(req.prompt_token_ids)
+            req.set_prompt(self.tokenize(prompt))
             self.check_prompt(req.prompt_token_ids)
         except ValueError as e:
             self.fail(req, str(e))
@@ -1548,7 +1879,7 @@ def build_parser():
         dest="attention",
         default="auto",
         choices=ATTENTION,
-        help="auto: Triton kernels on CUDA, the torch reference on CPU",
+        help="auto: Triton kernels on CUDA, the fast torch path on CPU; reference: the simple oracle",
     )
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     g.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: one per core)")
@@ -1589,7 +1920,12 @@ def build_parser():
         "FILE.json: a Chrome/Perfetto trace (open it at ui.perfetto.dev)",
     )
     g.add_argument("--viz", action="store_true", help="watch the run live in the terminal visualizer")
-    g.add_argument("--viz-speed", type=positive(float), default=None, help="--viz pace in steps/s")
+    g.add_argument(
+        "--viz-speed",
+        type=positive(float),
+        default=None,
+        help="--viz pace in steps/s (default 10, a pace a person can follow; inf: as fast as the engine runs)",
+    )
     g.add_argument("--quiet", action="store_true", help="no completions, no progress bar")
     return p
 
@@ -1668,6 +2004,8 @@ def print_summary(m: dict, file=None):
         f"requests {m['num_requests']} ok, {m['num_errors']} failed;  steps {m['steps']};  preemptions "
         f"{m['preemptions']};  wall {m['wall_s']:.2f} s;  device busy {100 * m['device_busy_frac']:.1f}%"
     )
+    if m.get("viewer_held_s", 0) > 0.0005:
+        pr(f"(the viewer held the engine {m['viewer_held_s']:.2f} s more; not counted above)")
     split = m["step_ms"]["decode"] or m["step_ms"]["all"]
     pr(
         "step (ms):  "
@@ -1677,13 +2015,9 @@ def print_summary(m: dict, file=None):
 
 def request_records(llm: LLM, reqs: list[Request]) -> list[dict]:
     """The `requests` array of --output-json, with latencies read from the recorded events."""
-    from viz.trace import FirstToken
+    from viz.trace import request_latencies
 
-    ev = llm.recorder.events
-    arrived = {e.request_id: e.t for e in ev if isinstance(e, RequestArrived)}
-    first = {e.request_id: e.t for e in ev if isinstance(e, FirstToken)}
-    done = {e.request_id: e.t for e in ev if isinstance(e, RequestFinished)}
-    ms = lambda a, b, rid: round((b[rid] - a[rid]) * 1e3, 3) if rid in a and rid in b else None
+    lat = request_latencies(llm.recorder.events)
     out = []
     for r in reqs:
         o = llm.output(r)
@@ -1696,8 +2030,8 @@ def request_records(llm: LLM, reqs: list[Request]) -> list[dict]:
                 finish_reason=o.finish_reason,
                 error=o.error,
                 num_cached_tokens=o.num_cached_tokens,
-                ttft_ms=ms(arrived, first, r.request_id),
-                e2e_ms=ms(arrived, done, r.request_id),
+                ttft_ms=lat.get(r.request_id, {}).get("ttft_ms"),
+                e2e_ms=lat.get(r.request_id, {}).get("e2e_ms"),
             )
         )
     return out
@@ -1897,6 +2231,8 @@ def main(argv=None):
         f"model {llm.model_name} on {cfg.device} ({cfg.dtype}), {llm.num_blocks} KV pages of {cfg.block_size} "
         f"tokens, {torch.get_num_threads()} torch thread(s)"
     )
+    if llm.sim:
+        print(f"SIMULATED device {llm.describe()['simulated']}: its time and busy share are a model, not a measurement")
     if args.compare and not interrupted:
         print_comparison(results)
     else:

@@ -4,13 +4,12 @@
     python benchmarks/roofline.py run.jsonl --bandwidth-gbs 3000 --peak-tflops 989
 
 A step cannot finish faster than it takes to move its bytes through memory, nor faster than it takes
-to do its FLOPs at the chip's peak (DESIGN.md, "Measuring"):
+to do its FLOPs at the chip's peak:
 
     step time >= max(bytes / bandwidth, flops / peak)
-    bytes = weights (read once per step) + KV read (every cached key and value the step's requests
-            attend to) + KV written (the step's new tokens)
-    flops = 2 x (weights of the linear layers) x new tokens + 2 x (LM head) x sampled rows
-            + attention: 4 x n_layer x n_embd per (query, key) pair
+
+with the bytes and FLOPs of `nanoserve.step_cost` — the same model the simulated device (--device
+sim:NAME) waits out step by step, and the same datasheet numbers (`nanoserve.GPUS`).
 
 The roofline of a run is the sum over its steps; measured wall / roofline says how far the engine is
 from what the hardware allows (1.0 would be perfect). Decode steps of a small model move far more
@@ -33,28 +32,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from viz.trace import Pages, Preempted, RequestArrived, RunInfo, StepScheduled, compute_metrics  # noqa: E402
 
-# Dense (no 2:4 sparsity) tensor-core peaks in TFLOP/s and HBM bandwidth in GB/s, from NVIDIA's datasheets:
-# "NVIDIA H100 Tensor Core GPU" datasheet (H100 SXM / NVL / PCIe: BF16 1,979 / 1,671 / 1,513 TFLOPS *with*
-# sparsity, halved here; FP32 67 / 60 / 51 TFLOPS; 3.35 / 3.9 / 2.0 TB/s) and "NVIDIA H200 Tensor Core GPU"
-# datasheet (H200 SXM / NVL: BF16 1,979 / 1,671 with sparsity; FP32 67 / 60; 4.8 TB/s). FP32 is the
-# non-tensor-core peak: torch does not use TF32 for float32 matmuls unless asked.
-# Matched against torch.cuda.get_device_name() in this order (an H100 SXM reports "NVIDIA H100 80GB HBM3").
-GPU_SPECS = {
-    "H200 NVL": dict(bf16_tflops=835.5, fp32_tflops=60.0, bandwidth_gbs=4800),
-    "H200": dict(bf16_tflops=989.5, fp32_tflops=67.0, bandwidth_gbs=4800),
-    "H100 NVL": dict(bf16_tflops=835.5, fp32_tflops=60.0, bandwidth_gbs=3900),
-    "H100 PCIe": dict(bf16_tflops=756.5, fp32_tflops=51.0, bandwidth_gbs=2000),
-    "H100": dict(bf16_tflops=989.5, fp32_tflops=67.0, bandwidth_gbs=3350),  # SXM
-}
-
 
 def gpu_specs(name: str) -> dict | None:
-    """The datasheet numbers of a GPU by its torch name, or None when it is not in GPU_SPECS.
+    """The datasheet numbers of a GPU by its torch name (nanoserve.GPUS, the ones --device sim:NAME uses),
+    or None when it is not one of them.
 
     >>> gpu_specs("NVIDIA H100 80GB HBM3")["bf16_tflops"]
     989.5
     """
-    return next((spec for key, spec in GPU_SPECS.items() if key.lower() in name.lower()), None)
+    from nanoserve import gpu_spec
+
+    spec = gpu_spec(name)
+    return spec and dict(bf16_tflops=spec.bf16_tflops, fp32_tflops=spec.fp32_tflops, bandwidth_gbs=spec.bandwidth_gbs)
 
 
 def default_peak_tflops(device, dtype_bytes: int) -> float | None:
@@ -112,23 +101,19 @@ def measure_peak_tflops(device="cpu", dtype=torch.float32, n: int = 1024, repeat
     return 2 * n**3 / min(times) / 1e12
 
 
-def _get(cfg, key):
-    return cfg[key] if isinstance(cfg, dict) else getattr(cfg, key)
-
-
 def model_sizes(cfg) -> dict:
-    """Parameter counts of a GPT-2 config (nanoserve's GPTConfig, or a dict with the same keys).
+    """Parameter counts of a model config (nanoserve.model_sizes of the model built on torch's "meta" device:
+    shapes, no memory); a dict is read as GPT-2 keys.
 
     >>> model_sizes(dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12))["params"]
     124439808
     """
-    V, P, C, L = (_get(cfg, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer"))
-    per_layer = 12 * C * C + 13 * C  # qkv (3C^2 + 3C), proj (C^2 + C), MLP (8C^2 + 5C), two LayerNorms (4C)
-    return dict(
-        params=V * C + P * C + L * per_layer + 2 * C,  # token + position embeddings, the blocks, the final LayerNorm
-        linear_params=L * 12 * C * C,  # the matmul weights every new token goes through
-        lm_head_params=V * C,  # tied to the token embedding; only the sampled rows go through it
-    )
+    import nanoserve as ns
+
+    if isinstance(cfg, dict):
+        cfg = ns.GPTConfig(**{"n_head": 1, **cfg})
+    with torch.device("meta"):
+        return ns.model_sizes(ns.GPT(cfg))
 
 
 def step_work(events, block_size=None):
@@ -178,25 +163,19 @@ def roofline(events, model_config, dtype_bytes, bandwidth_bytes_per_s, peak_flop
     >>> r["bytes"]["kv_read"], r["flops"]["attention"]   # 4 keys x 2 (K, V) x 1 layer x 2 x 4 bytes; 4*1*2*(1+2+3+4)
     (64, 80)
     """
-    C, L = _get(model_config, "n_embd"), _get(model_config, "n_layer")
+    import nanoserve as ns
+
     sizes = model_sizes(model_config)
-    kv_per_token = 2 * L * C * dtype_bytes  # a key and a value, every layer
+    cfg = ns.GPTConfig(**{"n_head": 1, **model_config}) if isinstance(model_config, dict) else model_config
+    kv_per_token = ns.kv_bytes_per_token(cfg, dtype_bytes)  # a key and a value, every layer
     total = dict(weights=0, kv_read=0, kv_write=0)
     flops = dict(linear=0, lm_head=0, attention=0)
     roof, steps, memory_bound = 0.0, 0, 0
     for _, work in step_work(events, block_size):
-        new = sum(n for _, _, n, _ in work)
-        step_bytes = dict(
-            weights=sizes["params"] * dtype_bytes,  # every weight is read once per step, whatever the batch
-            kv_read=sum(start + n for _, start, n, _ in work) * kv_per_token,  # each new token sees those before it
-            kv_write=new * kv_per_token,
-        )
-        step_flops = dict(
-            linear=2 * sizes["linear_params"] * new,
-            lm_head=2 * sizes["lm_head_params"] * sum(samples for *_, samples in work),
-            # query i of a request attends to its start + i + 1 keys: QK^T and PV, 2 x n_embd flops each
-            attention=4 * L * C * sum(n * start + n * (n + 1) // 2 for _, start, n, _ in work),
-        )
+        q_lens = [n for _, _, n, _ in work]
+        ctx = [start + n for _, start, n, _ in work]
+        cost = ns.step_cost(sizes, kv_per_token, dtype_bytes, q_lens, ctx, sum(s for *_, s in work))
+        step_bytes, step_flops = cost["bytes"], cost["flops"]
         t_mem, t_compute = sum(step_bytes.values()) / bandwidth_bytes_per_s, sum(step_flops.values()) / peak_flops
         roof += max(t_mem, t_compute)
         memory_bound += t_mem >= t_compute

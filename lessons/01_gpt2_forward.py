@@ -70,7 +70,8 @@ for i in ids:
 # builds nanoserve's `GPT` module. With no argument it loads the embedded model.
 
 # %%
-model, cfg, tok, name = ns.load_model()
+model, tok, name = ns.load_model()
+cfg = model.config
 n_params = sum(p.numel() for p in model.parameters())
 print(name, cfg)
 print(f"{n_params:,} parameters, head_dim = {cfg.head_dim}")

@@ -39,7 +39,7 @@ import torch
 from helpers import plot_lanes, show
 
 import nanoserve as ns
-from sched import Request, SamplingParams, SchedulerConfig, make_scheduler
+from sched import EngineConfig, Request, SamplingParams, make_scheduler
 
 torch.set_num_threads(1)
 
@@ -56,8 +56,8 @@ prompts = [[rng.randrange(3072) for _ in range(100)] for _ in range(24)]
 
 
 def scheduler_with_burst(name):
-    config = SchedulerConfig(num_blocks=1024, block_size=16, max_num_batched_tokens=BUDGET)
-    sched = make_scheduler(name, config, pp=PP)
+    config = EngineConfig(sched=name, pp=PP, num_blocks=1024, max_model_len=1024, max_num_batched_tokens=BUDGET)
+    sched = make_scheduler(config)
     for i, prompt in enumerate(prompts):
         sched.add_request(Request(prompt, SamplingParams(max_tokens=8, ignore_eos=True), request_id=str(i)))
     return sched

@@ -77,9 +77,9 @@ def run(sched):
 
     def recording_prepare(batch):
         x = prepare(batch)
-        meta = x["meta"]
+        meta = x.meta
         by_page = sum(end - start for start, end, _ in meta.page_writes)
-        writes.append((by_page, x["num_rows"] - by_page))
+        writes.append((by_page, x.num_rows - by_page))
         return x
 
     llm.runner.prepare = recording_prepare

@@ -1,7 +1,8 @@
 """Scheduling policies and what they own: requests and the KV cache's block manager. Pure Python, no torch."""
 
 from sched.balanced import BalancedScheduler
-from sched.base import Batch, Scheduler, SchedulerConfig
+from sched.base import Batch, Scheduler
+from sched.config import EngineConfig
 from sched.nanoflow import AsyncScheduler
 from sched.page_aligned import PageAlignedScheduler
 from sched.request import FinishReason, Request, SamplingParams
@@ -15,15 +16,13 @@ SCHEDULERS = {
 }
 
 
-def make_scheduler(name: str, config: SchedulerConfig, recorder=None, pp: int = 1) -> Scheduler:
-    """The scheduler called `name` (`--sched`).
+def make_scheduler(config: EngineConfig, recorder=None) -> Scheduler:
+    """The scheduler `config.sched` names (`--sched`), for a resolved config (its page count and context set).
 
-    >>> make_scheduler("sync", SchedulerConfig(num_blocks=8)).depth
-    1
+    >>> make_scheduler(EngineConfig(sched="async", num_blocks=8, max_model_len=64)).depth
+    2
     """
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name](config, recorder, pp)
+    return SCHEDULERS[config.sched](config, recorder)
 
 
 __all__ = [
@@ -33,6 +32,6 @@ __all__ = [
     "Request",
     "SamplingParams",
     "Scheduler",
-    "SchedulerConfig",
+    "EngineConfig",
     "make_scheduler",
 ]

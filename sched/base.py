@@ -18,7 +18,7 @@ attends) or after it. Every batch handed out runs after the ones handed out befo
 and pipeline stage, so a hit on a page written by an earlier batch is always safe. A policy that cuts
 one `collect` into several batches (`hits_within_collect = False`: balanced) cannot promise the first
 case, so there a request hits no page that another request of the same collect writes; it computes
-that page itself. When a step fails, the pages it was to write are unnamed (`fail`).
+that page itself. When a step fails, the prefix cache forgets its names (`fail`).
 
 Policies subclass `Scheduler` and override a few hooks: `depth` (batches in flight at once),
 `allow_placeholders` (may a request be in two of them), `token_budget` and `chunk_size` (how many
@@ -26,53 +26,45 @@ tokens a step, and a request in it, may take), `charge` (what those tokens cost 
 `form_batches` (how the scheduled work is cut into the batches sent to the device).
 """
 
+import functools
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
 from sched.blocks import BlockManager
-from sched.request import FinishReason, Request, SamplingParams, Status
+from sched.config import EngineConfig
+from sched.request import FinishReason, Request, Status
 from viz.trace import Discarded, FirstToken, Pages, Preempted, Recorder, RequestFinished, StepScheduled
 
 
-@dataclass
-class SchedulerConfig:
-    num_blocks: int
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 1024
-    eos_token_id: int | None = None
-    enable_prefix_caching: bool = True
-
-
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step, frozen at schedule time (the request itself moves on)."""
 
     request: Request
     start: int  # position of the first new token
     token_ids: list[int]  # the new tokens, positions start .. start + len - 1
-    block_table: list[int]  # a copy of the request's pages
     sample: bool  # this step computes the request's last known token: sample the next one
-    params: SamplingParams = None
-    num_outputs: int = 0  # outputs before this step's sample (seeds the per-request sampler)
-
-    @property
-    def is_prefill(self):
-        return self.start < self.request.num_prompt_tokens or len(self.token_ids) > 1
+    num_outputs: int  # outputs before this step's sample (seeds the per-request sampler)
+    # the request's page table, as the runner keeps it: entries from pages_from on are new_pages (the pages
+    # added since the request was last scheduled; all of them after a preemption): no table is copied
+    pages_from: int
+    new_pages: list[int]
+    is_prefill: bool  # a chunk of the prompt (or of a recomputation), not a single decode
 
 
 @dataclass
 class Batch:
     step: int
     requests: list[ScheduledRequest] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)  # requests finished since the previous batch (the runner
+    # frees their rows)
 
     @property
     def num_tokens(self):
         return sum(len(r.token_ids) for r in self.requests)
 
-    @property
+    @functools.cached_property
     def sampled(self):
         """The scheduled requests that get a token from this step, in the runner's output order."""
         return [r for r in self.requests if r.sample]
@@ -86,10 +78,12 @@ class Scheduler:
     allow_placeholders = False  # may a request already in an in-flight batch be scheduled again?
     hits_within_collect = True  # may a request hit pages written by another request of the same collect?
 
-    def __init__(self, config: SchedulerConfig, recorder: Recorder | None = None, pp: int = 1):
-        self.config, self.pp = config, pp
-        if pp > 1:
-            self.depth = max(self.depth, pp)  # one microbatch in flight per pipeline stage
+    def __init__(self, config: EngineConfig, recorder: Recorder | None = None):
+        if config.num_blocks is None or config.max_model_len is None:
+            raise ValueError("the scheduler needs a resolved config: set num_blocks and max_model_len")
+        self.config, self.pp, self.max_model_len = config, config.pp, config.max_model_len
+        if self.pp > 1:
+            self.depth = max(self.depth, self.pp)  # one microbatch in flight per pipeline stage
         self.ready: list[list[ScheduledRequest]] = []  # batches formed but not yet handed out
         self.num_inflight_batches = 0  # handed out by schedule(), not yet back through update()
         self.recorder = recorder or Recorder()
@@ -101,6 +95,8 @@ class Scheduler:
         self.step = 0
         self.written: set[int] = set()  # pages named by this collect (see hits_within_collect)
         self.finished_ids: list[str] = []  # finished since the engine last asked (take_finished)
+        self.released: list[str] = []  # finished since the last batch was handed out (Batch.finished)
+        self.eos = frozenset(config.eos_token_ids)
 
     def _on_pages(self, kind, request_id, pages):
         self.recorder.emit(Pages(self.recorder.now(), kind, request_id, pages))
@@ -135,6 +131,7 @@ class Scheduler:
         self.blocks.free(req.request_id)
         req.status, req.finish_reason, req.error = Status.FINISHED, reason, error
         self.finished_ids.append(req.request_id)
+        self.released.append(req.request_id)
         self.recorder.emit(
             RequestFinished(
                 self.recorder.now(), req.request_id, reason.value, req.num_prompt_tokens, req.num_output_tokens, error
@@ -150,7 +147,7 @@ class Scheduler:
         """Free the request's pages and send it back to the front of the queue, to recompute."""
         self.running.remove(req)
         self.blocks.free(req.request_id)
-        req.status, req.num_computed_tokens = Status.WAITING, 0
+        req.status, req.num_computed_tokens, req.num_pages_sent = Status.WAITING, 0, 0
         self.waiting.appendleft(req)
         self.recorder.emit(Preempted(self.recorder.now(), self.step, req.request_id))
 
@@ -168,12 +165,10 @@ class Scheduler:
         """How many of the request's uncomputed tokens to schedule now, given the budget left."""
         if req.num_inflight and not self.allow_placeholders:
             return 0  # already in a batch in flight
-        if (
-            req.num_output_tokens + req.num_placeholders >= req.params.max_tokens
-            or req.num_tokens + req.num_placeholders >= self.config.max_model_len
-        ):
+        known = len(req.token_ids) + req.num_placeholders  # tokens it has, the one in flight included
+        if known - req.num_prompt_tokens >= req.params.max_tokens or known >= self.max_model_len:
             return 0  # the in-flight token is its last: never schedule past the end
-        return min(req.num_tokens + req.num_placeholders - req.num_computed_tokens, budget)
+        return min(known - req.num_computed_tokens, budget)
 
     def charge(self, req: Request, n: int) -> int:
         """What scheduling n tokens of req costs of the budget."""
@@ -192,10 +187,9 @@ class Scheduler:
             self.ready = [b for b in self.form_batches(scheduled) if b] if scheduled else []
         if not self.ready:
             return None
-        batch = Batch(self.step, self.ready.pop(0))
+        batch = Batch(self.step, self.ready.pop(0), self.released)
+        self.released = []
         self.num_inflight_batches += 1
-        for r in batch.requests:
-            r.request.num_inflight += 1
         self.recorder.emit(
             StepScheduled(
                 self.recorder.now(),
@@ -217,14 +211,15 @@ class Scheduler:
         self.written = set()
 
         # 1. running requests, oldest first; when pages run out, preempt from the newest end
+        chunk_size, allocate, take, charge = self.chunk_size, self.blocks.allocate, self._take, self.charge
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = self.chunk_size(req, budget)
+            n = chunk_size(req, budget)
             if n <= 0:
                 i += 1
                 continue
-            while not self.blocks.allocate(req.request_id, req.num_computed_tokens + n):
+            while not allocate(req.request_id, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 if victim is req and len(self.running) == 1 and not scheduled:
                     # alone and still too big: no preemption can ever make room
@@ -235,8 +230,8 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                scheduled.append(self._take(req, n))
-                budget -= self.charge(req, n)
+                scheduled.append(take(req, n))
+                budget -= charge(req, n)
                 i += 1
 
         # 2. waiting requests, unless this step already had to preempt
@@ -273,20 +268,24 @@ class Scheduler:
 
     def _take(self, req: Request, n: int) -> ScheduledRequest:
         """Schedule n tokens of req: they count as computed from now on (the step will write them)."""
-        start = req.num_computed_tokens
-        req.num_computed_tokens += n
-        known = req.token_ids[start : start + n]
-        tokens = known + [PLACEHOLDER] * (n - len(known))
+        start, end, num_tokens = req.num_computed_tokens, req.num_computed_tokens + n, len(req.token_ids)
+        req.num_computed_tokens = end
+        req.num_inflight += 1
+        tokens = req.token_ids[start:end]
+        if end > num_tokens:  # the token being sampled by the step in flight
+            tokens += [PLACEHOLDER] * (end - max(start, num_tokens))
         # name full pages for the prefix cache, but never one holding a token still in flight
-        self.written.update(
-            self.blocks.cache_pages(req.request_id, req.token_ids, min(req.num_computed_tokens, req.num_tokens))
-        )
-        sample = req.num_computed_tokens == req.num_tokens + req.num_placeholders
-        num_outputs = req.num_output_tokens + req.num_placeholders  # index of the token it samples
+        if named := self.blocks.cache_pages(req.request_id, req.token_ids, min(end, num_tokens)):
+            self.written.update(named)
+        sample = end == num_tokens + req.num_placeholders
+        num_outputs = num_tokens - req.num_prompt_tokens + req.num_placeholders  # index of the token it samples
         if sample:
             req.num_placeholders += 1
-        table = list(self.blocks.block_table(req.request_id))
-        return ScheduledRequest(req, start, tokens, table, sample, req.params, num_outputs)
+        table, sent = self.blocks.tables[req.request_id], req.num_pages_sent
+        new_pages = table[sent:] if sent < len(table) else ()
+        req.num_pages_sent = len(table)
+        prefill = start < req.num_prompt_tokens or n > 1
+        return ScheduledRequest(req, start, tokens, sample, num_outputs, sent, new_pages, prefill)
 
     def _too_big(self, req: Request) -> str:
         return (
@@ -297,15 +296,15 @@ class Scheduler:
 
     def fail(self, batches: list[Batch], error: str):
         """A step failed: finish every request of `batches` (every batch in flight: the engine drained them) and
-        of the batches formed but not handed out, with `error`. The pages those batches were to write lose
-        their prefix-cache names, so that no later request can hit a page that was never written."""
-        bs = self.config.block_size
+        of the batches formed but not handed out, with `error`. Pages those batches were to write may hold
+        nothing, so the prefix cache forgets every page's name (a failure is rare; a cache that can never
+        serve a page that was not written is worth its refilling)."""
         for r in [r for b in batches for r in b.requests] + [r for b in self.ready for r in b]:
             req = r.request
-            self.blocks.uncache(r.block_table[r.start // bs : -(-(r.start + len(r.token_ids)) // bs)])
             req.num_inflight = req.num_placeholders = 0
             if not req.finished:
                 self.finish(req, FinishReason.ERROR, error)
+        self.blocks.forget_names()
         self.ready, self.num_inflight_batches = [], 0
 
     def fail_all(self, error: str):
@@ -328,18 +327,18 @@ class Scheduler:
                 self.recorder.emit(Discarded(self.recorder.now(), batch.step, req.request_id))
                 continue
             req.num_placeholders -= 1
-            req.append_token(token)
+            req.token_ids.append(token)
             got.append(req)
-            if req.num_output_tokens == 1:
+            if len(req.token_ids) == req.num_prompt_tokens + 1:
                 self.recorder.emit(FirstToken(self.recorder.now(), req.request_id))
             if reason := self.stop_reason(req, token):
                 self.finish(req, reason)
         return got
 
     def stop_reason(self, req: Request, token: int) -> FinishReason | None:
-        p = req.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token == self.config.eos_token_id):
+        p, n = req.params, len(req.token_ids)
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos):
             return FinishReason.STOP
-        if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+        if n - req.num_prompt_tokens >= p.max_tokens or n >= self.config.max_model_len:
             return FinishReason.LENGTH
         return None

@@ -75,6 +75,9 @@ class BlockManager:
     def allocate(self, request_id: str, num_tokens: int, prefix: list[int] = ()) -> bool:
         """Grow the request's table to hold `num_tokens` tokens, starting it with the `prefix` hit
         pages if it is new. Returns False, changing nothing, when too few pages are free."""
+        table = self.tables.get(request_id)
+        if table is not None and not prefix and num_tokens <= len(table) * self.block_size:
+            return True  # the common case, a decode inside its last page: nothing to do
         table = self.tables.setdefault(request_id, [])
         revived = [p for p in prefix if self.pages[p].ref_cnt == 0]  # cached pages sitting in the free queue
         need = self.pages_needed(num_tokens) - len(table) - len(prefix)
@@ -109,7 +112,10 @@ class BlockManager:
         named now."""
         if not self.enable_prefix_caching:
             return []
-        table, hashes, bs = self.tables[request_id], self.hashes.setdefault(request_id, []), self.block_size
+        hashes, bs = self.hashes.get(request_id), self.block_size
+        if hashes is not None and num_tokens // bs <= len(hashes):
+            return ()  # no page filled up since the last call
+        table, hashes = self.tables[request_id], self.hashes.setdefault(request_id, [])
         new = []
         for i in range(len(hashes), num_tokens // bs):
             tokens = tuple(token_ids[i * bs : (i + 1) * bs])
@@ -124,15 +130,12 @@ class BlockManager:
             self.on_event("cached", request_id, new)
         return new
 
-    def uncache(self, pages):
-        """Forget the names of these pages (a failed step never wrote them): no later prefix can hit them."""
-        for p in pages:
-            page = self.pages[p]
-            if page.hash is not None:
-                del self.cached[page.hash]
-                page.hash = page.tokens = None
-                if page.ref_cnt == 0:
-                    self.free_queue.move_to_end(p, last=False)  # nothing worth keeping: reuse first
+    def forget_names(self):
+        """Unname every page (after a failed step, whose pages may never have been written): from now on no
+        prefix can hit them; the pages themselves stay where they are."""
+        for page in self.pages:
+            page.hash = page.tokens = None
+        self.cached.clear()
 
     def free(self, request_id: str):
         """Release all the request's pages (on finish, abort or preemption)."""

@@ -10,13 +10,13 @@ from sched.base import Scheduler
 
 
 class PageAlignedScheduler(Scheduler):
-    def __init__(self, config, recorder=None, pp=1):
+    def __init__(self, config, recorder=None):
         if config.max_num_batched_tokens < config.block_size:
             raise ValueError(
                 f"page-aligned scheduling needs --max-num-batched-tokens ({config.max_num_batched_tokens}) of at "
                 f"least one page (--block-size {config.block_size})"
             )
-        super().__init__(config, recorder, pp)
+        super().__init__(config, recorder)
 
     def chunk_size(self, req, budget):
         n = super().chunk_size(req, budget)

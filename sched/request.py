@@ -187,7 +187,7 @@ class FinishReason(str, enum.Enum):
 _ids = itertools.count()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     """One request. Its tokens are `token_ids` (prompt, then outputs); the first
     `num_computed_tokens` of them have their keys and values in the KV cache.
@@ -205,17 +205,19 @@ class Request:
     num_computed_tokens: int = 0
     num_placeholders: int = 0  # tokens being sampled by a step still in flight (async scheduling)
     num_inflight: int = 0  # batches holding this request that the engine has not yet updated from
+    num_pages_sent: int = 0  # of its page table, the entries the runner has been sent (ScheduledRequest)
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache when first scheduled (-1: not yet)
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     error: str | None = None
+    token_ids: list[int] = field(init=False, repr=False)  # the prompt, then one more per generated token
+    num_prompt_tokens: int = field(init=False)
 
     def __post_init__(self):
-        self.token_ids = list(self.prompt_token_ids)  # grows by one per generated token
+        self.set_prompt(self.prompt_token_ids)
 
-    @property
-    def num_prompt_tokens(self):
-        return len(self.prompt_token_ids)
+    def set_prompt(self, ids: list[int]):
+        self.prompt_token_ids, self.num_prompt_tokens, self.token_ids = ids, len(ids), list(ids)
 
     @property
     def num_tokens(self):

@@ -206,7 +206,7 @@ def test_request_that_outgrows_the_whole_cache(tiny_gpt2):
         (dict(num_gpu_blocks_override=0), r"num_gpu_blocks_override=0 .* must be at least 1"),
         (dict(seed=2**70), r"seed=.* is outside \[0, 2\*\*64\)"),
         (dict(block_size=2.5), "block_size=2.5 .* must be an integer"),
-        (dict(device="bogus"), "device='bogus' .* is not a device; use cpu, cuda or cuda:N"),
+        (dict(device="bogus"), "device='bogus' .* is not a device; use cpu, cuda, cuda:N or one of sim:h100"),
         (dict(dtype="float64"), "dtype='float64' .* is not one of: auto, float32"),
         (dict(step_timeout_s=0), "step_timeout_s=0.0 .* must be positive"),
         (dict(sched="async", pp=2), "use --sched sync or balanced with --pp"),
@@ -252,7 +252,7 @@ FLAGS = {  # flags -> the message of the error (exit code 2, nothing run)
     "--request-rate 0": (["--request-rate", 0], "argument --request-rate: 0 must be positive"),
     "--request-rate nan": (["--request-rate", "nan"], "argument --request-rate: nan must be positive"),
     "--seed 2**70": (["--seed", 2**70], r"seed=\d+ \(--seed\) is outside \[0, 2\*\*64\)"),
-    "--device bogus": (["--device", "bogus"], "is not a device; use cpu, cuda or cuda:N"),
+    "--device bogus": (["--device", "bogus"], "is not a device; use cpu, cuda, cuda:N or one of sim:h100"),
     "--max-tokens 0": (["--max-tokens", 0], "max_tokens=0: a request must generate at least 1 token"),
     "--temperature nan": (["--temperature", "nan"], "temperature=nan must be a finite number"),
     "--top-p 2": (["--top-p", 2], r"top_p=2 is outside \(0, 1\]"),
@@ -371,7 +371,7 @@ def test_output_json_writes_what_actually_ran(tiny_gpt2, tmp_path):
     cfg = json.loads(out.read_text())["config"]
     assert code == 0
     assert cfg["model"] == str(tiny_gpt2) and cfg["device"] == "cpu" and cfg["dtype"] == "float32"
-    assert cfg["max_model_len"] == 160 and cfg["num_blocks"] > 0 and cfg["attention"] == "reference"
+    assert cfg["max_model_len"] == 160 and cfg["num_blocks"] > 0 and cfg["attention"] == "cpu"
 
 
 def test_request_ids_count_per_engine_and_a_reused_id_is_refused(tiny_gpt2):

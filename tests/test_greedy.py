@@ -115,22 +115,22 @@ def test_stop_token_ids(tiny_gpt2):
 
 
 def test_steps_mixing_decodes_and_chunks_attend_to_each_kind_apart(tiny_gpt2, monkeypatch):
-    """The reference attends to a mixed step's decodes and chunks apart; each such call equals the padded one."""
+    """The reference plans a mixed step's decodes and chunks apart; each such call equals the padded one."""
     split_steps = []
-    by_kind = reference.paged_attention_by_kind
+    attend = reference.paged_attention
 
-    def checked(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
-        out = by_kind(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
-        q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
-        split_steps.append(len({n == 1 for n in q_lens}))  # the kinds present: 2
-        padded = reference.paged_attention_padded(
-            q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max(q_lens), int(context_lens.max())
-        )
-        torch.testing.assert_close(out, padded)
+    def checked(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_q, max_ctx, plan=None):
+        out = attend(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_q, max_ctx, plan=plan)
+        if isinstance(plan, reference.ByKindPlan):
+            split_steps.append(len(plan.kinds))  # the kinds present: 2
+            padded = reference.paged_attention_padded(
+                q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_q, max_ctx
+            )
+            torch.testing.assert_close(out, padded)
         return out
 
-    monkeypatch.setattr(reference, "paged_attention_by_kind", checked)
-    run(tiny_gpt2, "sync", max_num_batched_tokens=24, block_size=4)
+    monkeypatch.setattr(reference, "paged_attention", checked)
+    run(tiny_gpt2, "sync", max_num_batched_tokens=24, block_size=4, attention="reference")
     assert len(split_steps) >= 5 and set(split_steps) == {2}
 
 

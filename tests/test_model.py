@@ -19,7 +19,7 @@ def hf_logits(folder, ids):
 
 def test_logits_match_transformers(tiny_gpt2):
     ids = torch.randint(0, 384, (2, 37))
-    model, cfg, _, _ = ns.load_model(str(tiny_gpt2))
+    model, _, _ = ns.load_model(str(tiny_gpt2))
     with torch.no_grad():
         ours = model(ids)
     torch.testing.assert_close(ours, hf_logits(tiny_gpt2, ids), atol=1e-5, rtol=1e-5)
@@ -63,7 +63,8 @@ def test_gpt2_tokenizer_from_vocab_and_merges(tmp_path):
 
 def test_dummy_gpt2_family_needs_no_files():
     for name, n_layer in (("distilgpt2", 6), ("gpt2", 12)):
-        _, cfg, tok, _ = ns.load_model(name, load_format="dummy")
+        model, tok, _ = ns.load_model(name, load_format="dummy")
+        cfg = model.config
         assert cfg.n_layer == n_layer and cfg.vocab_size == 50257
         if gpt2_tokenizer_dir():
             assert tok.encode("Hello world") == [15496, 995]

@@ -6,7 +6,7 @@ from collections import deque
 import hypothesis.strategies as st
 from hypothesis import given, settings
 
-from sched import Request, SamplingParams, SchedulerConfig, make_scheduler
+from sched import EngineConfig, Request, SamplingParams, make_scheduler
 
 requests_st = st.lists(st.tuples(st.integers(1, 90), st.integers(1, 12)), min_size=1, max_size=24)
 config_st = st.fixed_dictionaries(
@@ -23,7 +23,7 @@ def drive(name, cfg, reqs, pp=1, on_batch=lambda batch, inflight: None):
     """The engine loop with a fake device that returns random tokens; returns every batch formed."""
     longest = max(n_prompt + n_out for n_prompt, n_out in reqs)  # the pool must hold any one request alone
     cfg = {**cfg, "num_blocks": max(cfg["num_blocks"], -(-longest // cfg["block_size"]))}
-    sched = make_scheduler(name, SchedulerConfig(max_model_len=1024, **cfg), pp=pp)
+    sched = make_scheduler(EngineConfig(sched=name, pp=pp, max_model_len=1024, **cfg))
     rng = random.Random(0)
     for i, (n_prompt, n_out) in enumerate(reqs):
         ids = [rng.randrange(50) for _ in range(n_prompt)]

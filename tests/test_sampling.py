@@ -20,7 +20,7 @@ def runner():
 def support(runner, n=400, **kw):
     logits = torch.tensor([[math.log(p) for p in PROBS]] * n)
     params = [SamplingParams(**kw)] * n
-    return set(runner.sample(logits, params, list(range(n))).tolist())
+    return set(runner.sample(logits, ns.Sampling.of(params, list(range(n)), 4, "cpu")).tolist())
 
 
 @pytest.mark.parametrize(
@@ -44,14 +44,14 @@ def test_support_is_exactly_right(runner, kw, want):
 def test_frequencies_follow_probs(runner):
     n = 4000
     logits = torch.tensor([[math.log(p) for p in PROBS]] * n)
-    ids = runner.sample(logits, [SamplingParams()] * n, [0] * n)
+    ids = runner.sample(logits, ns.Sampling.of([SamplingParams()] * n, [0] * n, 4, "cpu"))
     freq = torch.bincount(ids, minlength=4).float() / n
     assert torch.allclose(freq, torch.tensor(PROBS), atol=0.03)
 
 
 def test_temperature_zero_is_argmax(runner):
     logits = torch.randn(16, 50)
-    ids = runner.sample(logits, [SamplingParams(temperature=0)] * 16, [0] * 16)
+    ids = runner.sample(logits, ns.Sampling.of([SamplingParams(temperature=0)] * 16, [0] * 16, 50, "cpu"))
     assert ids.tolist() == logits.argmax(-1).tolist()
 
 

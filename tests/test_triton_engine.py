@@ -34,7 +34,7 @@ def test_triton_engine_matches_transformers(tiny_gpt2, hf_greedy, graphs, sched)
     replays = []
     if graphs:  # count the decode steps that went through the static buffers
         run = llm.runner.graphs.run
-        llm.runner.graphs.run = lambda x: replays.append(x["num_rows"]) or run(x)
+        llm.runner.graphs.run = lambda x: replays.append(x.num_rows) or run(x)
     prompts, max_tokens = workload()
     prompts, max_tokens = prompts[:6], [min(m, 8) for m in max_tokens[:6]]
     outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=m) for m in max_tokens], use_tqdm=False)
