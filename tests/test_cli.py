@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import nanoserve as ns
 from viz.trace import compute_metrics, read_jsonl
 
@@ -136,6 +138,7 @@ def test_truncated_trace_names_the_line(tmp_path):
 
 
 def test_viz_flag_runs_the_live_viewer_and_trace_json_writes_perfetto(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("textual", reason="the viewer needs Textual: pip install -e '.[dev]'")
     import viz.app
 
     seen, run_live = {}, viz.app.run_live

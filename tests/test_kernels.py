@@ -35,6 +35,8 @@ if not HAS_CUDA and type(pa._write_kv_kernel).__name__ != "InterpretedFunction":
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+# compiled on a GPU, where `pytest -m cuda` selects them; interpreted on a CPU
+pytestmark = pytest.mark.cuda if HAS_CUDA else pytest.mark.interpreted
 INTERPRETED = not HAS_CUDA
 
 

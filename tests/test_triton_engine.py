@@ -14,8 +14,12 @@ from sched import SamplingParams
 from tests.test_greedy import workload
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# where these tests run: compiled on a GPU (marked `cuda`, so `pytest -m cuda` selects them), interpreted on
+# a CPU (TRITON_INTERPRET=1 must be set before the kernels are imported, so one process does one or the other)
+ON = pytest.mark.cuda if DEVICE == "cuda" else pytest.mark.interpreted
 
 
+@ON
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "decode-graphs"])
 @pytest.mark.parametrize("sched", ["sync", "async"])
 def test_triton_engine_matches_transformers(tiny_gpt2, hf_greedy, graphs, sched):
@@ -52,6 +56,7 @@ def test_triton_backend_off_cuda_needs_the_interpreter(tiny_gpt2, monkeypatch):
         ns.LLM(str(tiny_gpt2), attention="triton")
 
 
+@ON
 @pytest.mark.parametrize("sched", ["sync", "balanced"])
 def test_triton_pipeline_matches_transformers(tiny_gpt2, hf_greedy, sched):
     """--pp 2: on a CPU a thread per stage, on a GPU a CUDA stream per stage with microbatches overlapping."""
@@ -73,3 +78,30 @@ def test_triton_pipeline_matches_transformers(tiny_gpt2, hf_greedy, sched):
     outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=m) for m in max_tokens], use_tqdm=False)
     assert [o.output_token_ids for o in outs] == [hf_greedy(p, m) for p, m in zip(prompts, max_tokens)]
     llm.scheduler.blocks.check()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "decode-graphs"])
+def test_a_decode_step_launches_without_a_host_sync(tiny_gpt2, graphs):
+    """On the GPU a decode step's forward and sampling queue their kernels without waiting for the device:
+    torch raises on any synchronizing call while `set_sync_debug_mode("error")` is on (the CPU version of
+    this check is in tests/test_host_path.py)."""
+    llm = ns.LLM(str(tiny_gpt2), sched="async", cuda_graphs=graphs, device="cuda", dtype="float32")
+    stage, checked = llm.runner.stage, []
+
+    def strict(k, x, h, timer):
+        if x.meta.max_q > 1:
+            return stage(k, x, h, timer)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return stage(k, x, h, timer)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            checked.append(x.num_rows)
+
+    llm.runner.stage = strict
+    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=3, max_tokens=8)
+    outs = llm.generate(workload()[0][:6], params, use_tqdm=False)
+    assert all(o.error is None for o in outs), [o.error for o in outs]
+    assert len(checked) >= 4

@@ -12,9 +12,10 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from textual.app import App
 
+pytest.importorskip("textual", reason="the snapshot tests need Textual: pip install -e '.[dev]'")
 pytest.importorskip("pytest_textual_snapshot", reason="the snapshot tests need the dev extra")
+from textual.app import App  # noqa: E402
 
 from viz.app import VizApp
 from viz.replay import Replay
