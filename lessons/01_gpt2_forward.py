@@ -154,8 +154,8 @@ print(prompt + tok.decode(dense_output))
 # %%
 llm = ns.LLM(num_gpu_blocks_override=64, device="cpu")  # the embedded model, 64 KV pages of 16 tokens
 engine_output = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0]
-print(prompt + engine_output.text)
-print("same tokens as the slow loop:", engine_output.output_token_ids == dense_output)
+print(prompt + engine_output.outputs[0].text)
+print("same tokens as the slow loop:", engine_output.outputs[0].token_ids == dense_output)
 
 # %%
 cached = [len(prompt_ids)] + [1] * (len(tokens_computed) - 1)  # with a cache: the prompt once, then one token
@@ -196,7 +196,7 @@ print("largest difference in logits:", (ours - theirs).abs().max().item())
 # %%
 assert tok.decode(tok.encode(text)) == text, "the tokenizer must round-trip text"
 assert logits.shape[-1] == cfg.vocab_size
-assert engine_output.output_token_ids == dense_output, "the engine's greedy tokens must equal the plain loop's"
+assert engine_output.outputs[0].token_ids == dense_output, "the engine's greedy tokens must equal the plain loop's"
 torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 assert sum(cached) < sum(tokens_computed) / 5
 print("all checks passed")

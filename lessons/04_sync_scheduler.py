@@ -153,7 +153,7 @@ show(fig, "04_sync_steps")
 roomy = ns.LLM(sched="sync", num_gpu_blocks_override=64, device="cpu")
 reference_outputs = roomy.generate(prompts, params, use_tqdm=False)
 for r, ref in zip(requests, reference_outputs):
-    same = r.output_token_ids == ref.output_token_ids
+    same = r.output_token_ids == ref.outputs[0].token_ids
     print(f"request {r.request_id}: {'same' if same else 'DIFFERENT'}  {tok.decode(r.output_token_ids)!r}")
 
 # %% [markdown]
@@ -163,7 +163,7 @@ for r, ref in zip(requests, reference_outputs):
 preemptions = [e for e in llm.recorder.events if isinstance(e, Preempted)]
 assert preemptions, "the small cache must force at least one preemption"
 assert roomy.metrics()["preemptions"] == 0
-assert [r.output_token_ids for r in requests] == [o.output_token_ids for o in reference_outputs]
+assert [r.output_token_ids for r in requests] == [o.outputs[0].token_ids for o in reference_outputs]
 assert all(r.finished and r.num_output_tokens == 12 for r in requests)
 assert max(used_pages) <= 14 and scheduler.blocks.num_free_blocks == 14, "pages leak or overflow"
 print("all checks passed")

@@ -176,8 +176,32 @@ show(fig, "05_prefix_pages")
 # then has a page of its own for the rest of its prompt (its speaker's name), which its output grows into.
 
 # %%
-same = [o.output_token_ids for o in outputs] == [o.output_token_ids for o in uncached_outputs]
+same = [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in uncached_outputs]
 print("the same tokens with and without the prefix cache:", same)
+
+# %% [markdown]
+# ## n samples of one prompt: reference counts
+#
+# `SamplingParams(n=3)` asks for three samples of one prompt. The engine makes three requests of it
+# (`0_<id>`, `1_<id>`, `2_<id>`, as vLLM names them), admitted one after the other in the same step: the
+# first one's prompt pages are named, and the other two find them. Each page of the prompt then has three
+# owners — its *reference count* is 3 — and it goes back to the free pool only when the last sample lets
+# go of it. Each sample writes its own tokens into pages of its own. (Under `--sched balanced`, which deals
+# one step's requests into several microbatches, the samples cannot share a page that is being written in
+# that same step, so each computes the prompt once; they share from then on.)
+
+# %%
+three = ns.LLM(block_size=8, num_gpu_blocks_override=64, device="cpu")
+group = three.add_request(prompts[0], SamplingParams(n=3, temperature=0.8, seed=1, max_tokens=16))
+steps = three.run()
+next(steps)  # the first step: the prompt, computed once, and every sample's first token
+blocks = three.scheduler.blocks
+counts = {p: blocks.pages[p].ref_cnt for p in blocks.block_table(group[0].request_id)}
+print("pages of sample 0 and their reference counts:", counts)
+for _ in steps:
+    pass
+for c in three.output(group).outputs:
+    print(f"sample {c.index}: {c.text!r}")
 
 # %% [markdown]
 # ## Checks
@@ -186,11 +210,14 @@ print("the same tokens with and without the prefix cache:", same)
 assert first.num_cached_tokens == 0
 assert second.num_cached_tokens > 0, "the second request must hit the cached passage"
 assert prefill_tokens(llm, second.request_id) == len(second.prompt_token_ids) - second.num_cached_tokens
-assert second.output_token_ids == uncached_outputs[1].output_token_ids, "a cache hit must not change the output"
-assert [o.output_token_ids for o in outputs] == [o.output_token_ids for o in uncached_outputs]
+assert second.outputs[0].token_ids == uncached_outputs[1].outputs[0].token_ids, "a cache hit must not change the output"
+assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in uncached_outputs]
 assert sum(computed) < sum(computed_without) / 2
 assert max(len(owners) for owners in state.page_owners) == 4, "the passage's pages must be shared by all four"
-for engine in (llm, together, no_cache):
+prompt_pages = len(tok.encode(prompts[0])) // 8
+assert list(counts.values())[:prompt_pages] == [3] * prompt_pages, "the prompt's pages have three owners"
+assert len({tuple(c.token_ids) for c in three.output(group).outputs}) == 3, "three different samples"
+for engine in (llm, together, no_cache, three):
     engine.scheduler.blocks.check()
     assert engine.scheduler.blocks.num_free_blocks == 64
 print("all checks passed")

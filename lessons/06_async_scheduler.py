@@ -37,6 +37,7 @@ import torch
 from helpers import plot_lanes, show
 
 import nanoserve as ns
+from entrypoints.cli import random_workload
 from sched import SamplingParams
 from sched.nanoflow import AsyncScheduler
 from sched.sync import SyncScheduler
@@ -105,7 +106,7 @@ def run(sched, stop=()):
     llm = ns.LLM(sched=sched, num_gpu_blocks_override=128, device="cpu")
     p = SamplingParams(temperature=0, max_tokens=48, stop_token_ids=stop)
     outputs = llm.generate(prompts, p, use_tqdm=False)
-    return llm, [o.output_token_ids for o in outputs]
+    return llm, [o.outputs[0].token_ids for o in outputs]
 
 
 runs = {name: run(name) for name in ("sync", "async")}
@@ -133,7 +134,7 @@ for name, (llm, _) in runs.items():
 # %%
 def run_simulated(sched):
     llm = ns.LLM("gpt2", load_format="dummy", device="sim:h200", sched=sched)
-    work = ns.random_workload(256, (100, 500), (100, 500), llm.model_config.vocab_size, seed=0)
+    work = random_workload(256, (100, 500), (100, 500), llm.model_config.vocab_size, seed=0)
     for d in work:
         llm.add_request(d["prompt_token_ids"], SamplingParams(max_tokens=d["max_tokens"], ignore_eos=True))
     reqs = list(llm.requests.values())

@@ -143,7 +143,7 @@ params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 engines, tokens = {}, {}
 for name in ("sync", "balanced"):
     llm = ns.LLM(sched=name, pp=PP, num_gpu_blocks_override=512, max_num_batched_tokens=BUDGET, device="cpu")
-    tokens[name] = [o.output_token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    tokens[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     engines[name] = llm
     m = llm.metrics()
     stages = m["stage_busy_frac"]
@@ -153,7 +153,7 @@ for name in ("sync", "balanced"):
     )
 
 one_stage = ns.LLM(num_gpu_blocks_override=512, device="cpu")
-tokens["pp=1"] = [o.output_token_ids for o in one_stage.generate(prompts, params, use_tqdm=False)]
+tokens["pp=1"] = [o.outputs[0].token_ids for o in one_stage.generate(prompts, params, use_tqdm=False)]
 print(
     "same tokens with 1 stage, 4 stages sync, 4 stages balanced:",
     tokens["sync"] == tokens["balanced"] == tokens["pp=1"],

@@ -333,8 +333,8 @@ params = SamplingParams(temperature=0, max_tokens=6)
 prompts = ["ROMEO:\n", "JULIET:\nO Romeo, Romeo!"]
 triton_engine = ns.LLM(attention="triton", device=DEVICE, dtype="float32", num_gpu_blocks_override=32)
 reference_engine = ns.LLM(attention="reference", device=DEVICE, dtype="float32", num_gpu_blocks_override=32)
-triton_tokens = [o.output_token_ids for o in triton_engine.generate(prompts, params, use_tqdm=False)]
-reference_tokens = [o.output_token_ids for o in reference_engine.generate(prompts, params, use_tqdm=False)]
+triton_tokens = [o.outputs[0].token_ids for o in triton_engine.generate(prompts, params, use_tqdm=False)]
+reference_tokens = [o.outputs[0].token_ids for o in reference_engine.generate(prompts, params, use_tqdm=False)]
 print("backend:", triton_engine.runner.ops.__name__, "| same tokens:", triton_tokens == reference_tokens)
 
 # %% [markdown]

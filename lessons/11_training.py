@@ -61,8 +61,8 @@ speakers += ["GLOUCESTER:\n", "LADY ANNE:\n", "KING RICHARD III:\n"]
 openings = speakers * 6
 params = [SamplingParams(temperature=0.8, top_k=40, max_tokens=220, seed=i) for i in range(len(openings))]
 outputs = teacher.generate(openings, params, use_tqdm=False)
-corpus = "\n\n".join(opening + out.text for opening, out in zip(openings, outputs))
-print(f"{len(corpus):,} characters, {sum(len(o.output_token_ids) for o in outputs):,} generated tokens")
+corpus = "\n\n".join(opening + out.outputs[0].text for opening, out in zip(openings, outputs))
+print(f"{len(corpus):,} characters, {sum(len(o.outputs[0].token_ids) for o in outputs):,} generated tokens")
 print(corpus[:400])
 
 # %% [markdown]
@@ -140,7 +140,7 @@ params = [SamplingParams(temperature=0.8, top_k=40, max_tokens=60, seed=i) for i
 sampled = student.generate(openings, params, use_tqdm=False)
 for opening, out in zip(openings, sampled):
     print("-" * 60)
-    print(opening + out.text)
+    print(opening + out.outputs[0].text)
 
 # %% [markdown]
 # Speaker names, line breaks, some words: 200 steps on 13,000 tokens teach the form before the
@@ -155,8 +155,8 @@ seq = list(prompt)
 with torch.no_grad():
     for _ in range(20):
         seq.append(int(student.model(torch.tensor([seq]))[0, -1].argmax()))
-print("engine:", repr(greedy.text))
-print("same as the plain loop:", greedy.output_token_ids == seq[len(prompt) :])
+print("engine:", repr(greedy.outputs[0].text))
+print("same as the plain loop:", greedy.outputs[0].token_ids == seq[len(prompt) :])
 
 # %% [markdown]
 # ## Checks
@@ -169,8 +169,8 @@ assert {"config.json", "model.safetensors", "tokenizer.json", "training.json"} <
     p.name for p in (folder / "model").iterdir()
 }
 assert student.tokenizer.decode(student.tokenizer.encode(line)) == line
-assert all(len(o.output_token_ids) == 60 for o in sampled)
-assert greedy.output_token_ids == seq[len(prompt) :], "the engine must serve the trained model exactly"
+assert all(len(o.outputs[0].token_ids) == 60 for o in sampled)
+assert greedy.outputs[0].token_ids == seq[len(prompt) :], "the engine must serve the trained model exactly"
 print("all checks passed")
 
 # %% [markdown]

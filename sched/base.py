@@ -130,6 +130,7 @@ class Scheduler:
             self.waiting.remove(req)
         self.blocks.free(req.request_id)
         req.status, req.finish_reason, req.error = Status.FINISHED, reason, error
+        req.times[3] = self.recorder.now()
         self.finished_ids.append(req.request_id)
         self.released.append(req.request_id)
         self.recorder.emit(
@@ -254,6 +255,7 @@ class Scheduler:
             self.running.append(req)
             if req.num_cached_tokens < 0:  # first scheduled: what the prefix cache saved it (as vLLM reports)
                 req.num_cached_tokens = req.num_computed_tokens
+                req.times[1] = self.recorder.now()
             req.status = Status.RUNNING
             scheduled.append(self._take(req, n))
             budget -= self.charge(req, n)
@@ -314,14 +316,14 @@ class Scheduler:
             self.finish(req, FinishReason.ERROR, error)
         self.ready, self.num_inflight_batches = [], 0
 
-    def update(self, batch: Batch, sampled_ids: list[int]) -> list[Request]:
-        """Append each sampled token, stop finished requests and free their pages.
-        Returns the requests that received a token this step."""
+    def update(self, batch: Batch, sampled_ids: list[int], logprobs: list | None = None) -> list[Request]:
+        """Append each sampled token (and its log-probabilities, for a request that asked), stop finished
+        requests and free their pages. Returns the requests that received a token this step."""
         got = []
         self.num_inflight_batches -= 1
         for r in batch.requests:
             r.request.num_inflight -= 1
-        for sr, token in zip(batch.sampled, sampled_ids, strict=True):
+        for i, (sr, token) in enumerate(zip(batch.sampled, sampled_ids, strict=True)):
             req = sr.request
             if req.finished:  # stopped or aborted while this step ran: its token is discarded
                 self.recorder.emit(Discarded(self.recorder.now(), batch.step, req.request_id))
@@ -329,16 +331,23 @@ class Scheduler:
             req.num_placeholders -= 1
             req.token_ids.append(token)
             got.append(req)
+            if req.logprobs is not None and logprobs is not None:
+                req.logprobs.append(logprobs[i])
             if len(req.token_ids) == req.num_prompt_tokens + 1:
-                self.recorder.emit(FirstToken(self.recorder.now(), req.request_id))
+                req.times[2] = self.recorder.now()
+                self.recorder.emit(FirstToken(req.times[2], req.request_id))
             if reason := self.stop_reason(req, token):
                 self.finish(req, reason)
         return got
 
     def stop_reason(self, req: Request, token: int) -> FinishReason | None:
         p, n = req.params, len(req.token_ids)
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos):
-            return FinishReason.STOP
+        if n - req.num_prompt_tokens >= p.min_tokens:
+            if token in p.stop_token_ids:
+                req.stop_reason = token
+                return FinishReason.STOP
+            if not p.ignore_eos and token in self.eos:
+                return FinishReason.STOP
         if n - req.num_prompt_tokens >= p.max_tokens or n >= self.config.max_model_len:
             return FinishReason.LENGTH
         return None

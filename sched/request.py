@@ -12,6 +12,8 @@ import operator
 from dataclasses import dataclass, field, fields
 
 MAX_SEED = 2**64  # seeds are integers in [0, 2**64), what torch.Generator.manual_seed takes
+MAX_N = 64  # samples of one prompt
+MAX_LOGPROBS = 20  # top log-probabilities per token (vLLM's default limit)
 
 
 def as_int(x, name: str, lo: int | None = None, hi: int | None = None) -> int:
@@ -61,6 +63,21 @@ def as_token_ids(x, name: str = "prompt_token_ids") -> list[int]:
     if not isinstance(x, (list, tuple)):
         raise ValueError(f"{name} must be a list of token ids, got {type(x).__name__} {_short(x)}")
     return [as_int(t, f"{name}[{i}]", lo=0) for i, t in enumerate(x)]
+
+
+def as_strings(x, name: str) -> tuple[str, ...]:
+    """A string or a list of strings (OpenAI's `stop`) as a tuple of non-empty strings; None is none.
+
+    >>> as_strings("\\n\\n", "stop"), as_strings(None, "stop")
+    (('\\n\\n',), ())
+    """
+    if x is None:
+        return ()
+    if isinstance(x, str):
+        x = [x]
+    if not isinstance(x, (list, tuple)) or not all(isinstance(v, str) and v for v in x):
+        raise ValueError(f"{name} must be a string or a list of non-empty strings, got {_short(x)}")
+    return tuple(x)
 
 
 def _short(x, n=40) -> str:
@@ -116,13 +133,18 @@ class SamplingParams:
     ValueError: top_k must be an integer, got float 2.5
     """
 
+    n: int = 1  # samples of the prompt (they share its pages through the prefix cache)
     temperature: float = 1.0
     top_k: int = 0  # 0 (or -1, as older vLLM spells it): no top-k cut
     top_p: float = 1.0  # 1: no nucleus cut
-    seed: int | None = None  # a per-request seed makes its samples reproducible
+    seed: int | None = None  # a per-request seed makes its samples reproducible (sample i of n uses seed + i)
     max_tokens: int = 16
+    min_tokens: int = 0  # no stop (EOS, stop tokens or strings) before this many tokens
+    stop: tuple[str, ...] = ()  # strings that end the output, matched on the decoded text
     stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
+    logprobs: int | None = None  # return each sampled token's log-probability and the top `logprobs` others
 
     def __post_init__(self):
         self.validate()
@@ -133,9 +155,15 @@ class SamplingParams:
 
     def validate(self):
         """Check every field and store it in its canonical type; raise ValueError naming the bad one and the fix."""
+        self.n = as_int(self.n, "n")
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n={self.n} must be between 1 and {MAX_N}")
         self.max_tokens = as_int(self.max_tokens, "max_tokens")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens}: a request must generate at least 1 token")
+        self.min_tokens = as_int(self.min_tokens, "min_tokens")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} must be between 0 and max_tokens={self.max_tokens}")
         self.temperature = as_float(self.temperature, "temperature")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature:g} is negative; use 0 for greedy or a positive value")
@@ -150,13 +178,18 @@ class SamplingParams:
             self.seed = as_int(self.seed, "seed")
             if not 0 <= self.seed < MAX_SEED:
                 raise ValueError(f"seed={self.seed} is outside [0, 2**64); pick a smaller seed")
-        if self.stop_token_ids is None:
-            self.stop_token_ids = ()
-        self.stop_token_ids = tuple(as_token_ids(self.stop_token_ids, "stop_token_ids"))
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(
-                f"ignore_eos must be true or false, got {type(self.ignore_eos).__name__} {self.ignore_eos!r}"
-            )
+        self.stop = as_strings(self.stop, "stop")
+        self.stop_token_ids = tuple(
+            as_token_ids(() if self.stop_token_ids is None else self.stop_token_ids, "stop_token_ids")
+        )
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                got = getattr(self, name)
+                raise ValueError(f"{name} must be true or false, got {type(got).__name__} {got!r}")
+        if self.logprobs is not None:
+            self.logprobs = as_int(self.logprobs, "logprobs")
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"logprobs={self.logprobs} must be between 0 and {MAX_LOGPROBS}")
 
     @classmethod
     def from_dict(cls, d: dict, base: "SamplingParams | None" = None) -> "SamplingParams":
@@ -209,7 +242,15 @@ class Request:
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache when first scheduled (-1: not yet)
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop token or string that ended it (None: EOS, or not stopped)
     error: str | None = None
+    prompt: str | None = None  # the prompt's text, when it came as text
+    index: int = 0  # which of its prompt's n samples it is
+    logprobs: list | None = None  # per output token, if asked: (its log-probability, [(token, logprob), ...])
+    text: str = ""  # its output decoded so far, kept only for requests with stop strings
+    detokenizer: object = None  # the engine's incremental decoder of `text`
+    # times on the engine's clock (seconds): arrival, first scheduled, first token, finished
+    times: list[float | None] = field(default_factory=lambda: [None] * 4, repr=False)
     token_ids: list[int] = field(init=False, repr=False)  # the prompt, then one more per generated token
     num_prompt_tokens: int = field(init=False)
 

@@ -15,7 +15,7 @@ def outputs(model_dir, sched, params, prompts=None, **kw):
     outs = llm.generate(prompts or workload()[0], params, use_tqdm=False)
     llm.scheduler.blocks.check()
     assert llm.scheduler.blocks.num_free_blocks == llm.scheduler.config.num_blocks, "a page leaked"
-    return llm, [(o.output_token_ids, o.finish_reason) for o in outs]
+    return llm, [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
 
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 3])

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import nanoserve as ns
+from entrypoints.cli import main
 from viz.trace import compute_metrics, read_jsonl
 
 METRICS = {
@@ -37,6 +38,14 @@ def test_import_from_another_directory_finds_our_sched_not_the_stdlib_one(tmp_pa
     assert r.returncode == 0, r.stderr
     assert "['async', 'balanced', 'page-aligned', 'sync']" in r.stdout
     assert str(ns.ROOT / "sched") in r.stdout
+
+
+def test_importing_nanoserve_after_the_stdlib_sched_works(tmp_path):
+    """`import sched; import nanoserve` (the standard library's sched got there first)."""
+    code = "import sched; s = sched; import nanoserve as ns; import sched; print(sched.SCHEDULERS.keys(), s.scheduler)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "sync" in r.stdout and "class 'sched.scheduler'" in r.stdout
 
 
 def test_cli_from_another_directory_writes_the_json_contract(tiny_gpt2, tmp_path):
@@ -81,19 +90,20 @@ def test_cli_from_another_directory_writes_the_json_contract(tiny_gpt2, tmp_path
         assert {
             "id",
             "prompt_token_ids",
-            "output_token_ids",
-            "text",
-            "finish_reason",
+            "prompt",
+            "outputs",
             "error",
             "num_cached_tokens",
             "ttft_ms",
             "e2e_ms",
         } <= q.keys()
-        assert 5 <= len(q["prompt_token_ids"]) <= 40 and 3 <= len(q["output_token_ids"]) <= 9
-        assert q["finish_reason"] == "length" and 0 < q["ttft_ms"] <= q["e2e_ms"]
+        [o] = q["outputs"]
+        assert {"index", "text", "token_ids", "finish_reason", "stop_reason"} <= o.keys()
+        assert 5 <= len(q["prompt_token_ids"]) <= 40 and 3 <= len(o["token_ids"]) <= 9
+        assert o["finish_reason"] == "length" and 0 < q["ttft_ms"] <= q["e2e_ms"]
     # the step log replays into the same metrics: one source of truth
     again = compute_metrics(read_jsonl(trace))
-    assert again["num_output_tokens"] == sum(len(q["output_token_ids"]) for q in d["requests"])
+    assert again["num_output_tokens"] == sum(len(q["outputs"][0]["token_ids"]) for q in d["requests"])
     assert again["steps"] == m["steps"] and abs(again["output_throughput"] - m["output_throughput"]) < 1e-6
 
 
@@ -150,7 +160,7 @@ def test_viz_flag_runs_the_live_viewer_and_trace_json_writes_perfetto(tiny_gpt2,
     monkeypatch.setattr(viz.app, "run_live", headless)
     out = tmp_path / "run.json"
     argv = ["--model", str(tiny_gpt2), "--workload", "random", "--num-prompts", "6", "--output-len", "2:5"]
-    assert ns.main([*argv, "--ignore-eos", "--viz", "--trace", str(out), "--quiet"]) == 0
+    assert main([*argv, "--ignore-eos", "--viz", "--trace", str(out), "--quiet"]) == 0
     assert seen["llm"].metrics()["num_requests"] == 6 and not seen["llm"].has_unfinished()
     trace = json.loads(out.read_text())
     assert trace["displayTimeUnit"] and {e["ph"] for e in trace["traceEvents"]} >= {"X", "b", "e", "C"}

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import nanoserve as ns
+from entrypoints import cli
 from sched import SamplingParams
 
 ROOT = ns.ROOT
@@ -74,9 +75,9 @@ def test_a_bad_request_fails_alone(tiny_gpt2, case):
         (prompt, message), params = BAD_PROMPTS[case], GOOD
     llm = ns.LLM(str(tiny_gpt2))
     outs = llm.generate([[5, 6, 7], prompt, [8, 9]], [GOOD, params, GOOD], use_tqdm=False)
-    assert outs[1].finish_reason == "error" and re.search(message, outs[1].error), outs[1].error
-    assert [o.finish_reason for o in (outs[0], outs[2])] == ["length", "length"]
-    assert len(outs[0].output_token_ids) == 5 and len(outs[2].output_token_ids) == 5
+    assert outs[1].outputs[0].finish_reason == "error" and re.search(message, outs[1].error), outs[1].error
+    assert [o.outputs[0].finish_reason for o in (outs[0], outs[2])] == ["length", "length"]
+    assert len(outs[0].outputs[0].token_ids) == 5 and len(outs[2].outputs[0].token_ids) == 5
     assert len({o.request_id for o in outs}) == 3
     assert llm.scheduler.blocks.num_free_blocks == llm.num_blocks
 
@@ -86,8 +87,8 @@ def test_a_bad_request_fails_alone(tiny_gpt2, case):
 )
 def test_integer_like_token_ids_are_accepted(tiny_gpt2, prompt):
     llm = ns.LLM(str(tiny_gpt2))
-    want = llm.generate([[5, 6, 7]], GOOD, use_tqdm=False)[0].output_token_ids
-    assert llm.generate(prompt, GOOD, use_tqdm=False)[0].output_token_ids == want  # one prompt, not three
+    want = llm.generate([[5, 6, 7]], GOOD, use_tqdm=False)[0].outputs[0].token_ids
+    assert llm.generate(prompt, GOOD, use_tqdm=False)[0].outputs[0].token_ids == want  # one prompt, not three
 
 
 def test_a_string_is_one_prompt_and_a_list_of_ints_is_one_tokenized_prompt(tiny_gpt2, tmp_path):
@@ -132,7 +133,7 @@ def test_params_of_the_wrong_type_raise_before_anything_is_queued(tiny_gpt2, par
     with pytest.raises(TypeError, match="params must be a SamplingParams or a list of them"):
         llm.generate([[1, 2], [3, 4]], params, use_tqdm=False)
     assert not llm.has_unfinished()
-    assert llm.generate([[1, 2]], GOOD, use_tqdm=False)[0].finish_reason == "length"
+    assert llm.generate([[1, 2]], GOOD, use_tqdm=False)[0].outputs[0].finish_reason == "length"
 
 
 @pytest.mark.parametrize(
@@ -168,7 +169,7 @@ def test_a_tokenizer_the_model_does_not_match(tiny_gpt2, tmp_path, capsys):
     llm = ns.LLM(str(folder))
     assert "the tokenizer has 50257 tokens but the model's vocabulary 384" in capsys.readouterr().err
     outs = llm.generate(["!", "Hello, world", [1, 2]], GOOD, use_tqdm=False)  # "!" is token 0
-    assert outs[0].finish_reason == "length" and outs[2].finish_reason == "length"
+    assert outs[0].outputs[0].finish_reason == "length" and outs[2].outputs[0].finish_reason == "length"
     assert "outside the model's vocabulary of 384: the tokenizer and the model do not match" in outs[1].error
 
 
@@ -186,13 +187,13 @@ def test_prompt_bigger_than_the_whole_cache(tiny_gpt2):
     llm = ns.LLM(str(tiny_gpt2), num_gpu_blocks_override=2, block_size=4)
     outs = llm.generate([list(range(20)), [1, 2]], GOOD, use_tqdm=False)
     assert "needs 6 KV pages, but the cache has 2" in outs[0].error
-    assert outs[1].finish_reason == "length"
+    assert outs[1].outputs[0].finish_reason == "length"
 
 
 def test_request_that_outgrows_the_whole_cache(tiny_gpt2):
     llm = ns.LLM(str(tiny_gpt2), num_gpu_blocks_override=2, block_size=4)
     outs = llm.generate([[1, 2, 3], [4]], SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)
-    assert any(o.finish_reason == "error" and "the whole cache has 2" in o.error for o in outs)
+    assert any(o.outputs[0].finish_reason == "error" and "the whole cache has 2" in o.error for o in outs)
     llm.scheduler.blocks.check()
 
 
@@ -218,14 +219,14 @@ def test_engine_settings_are_checked_before_anything_loads(kwargs, message):
 
 
 def main(*argv):
-    """ns.main in this process: (exit code, stdout, stderr) without a subprocess per case."""
+    """The command line's main in this process: (exit code, stdout, stderr) without a subprocess per case."""
     import contextlib
     import io
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = ns.main([str(a) for a in argv])
+            code = cli.main([str(a) for a in argv])
         except SystemExit as e:  # argparse's own errors
             code = e.code
     return code, out.getvalue(), err.getvalue()
@@ -336,12 +337,12 @@ def test_every_bad_prompts_file_line_fails_alone(tiny_gpt2, tmp_path):
     assert len(reqs) == len(LINES) and len({q["id"] for q in reqs}) == len(LINES), "every request has its own id"
     for (case, (_, message)), q, lineno in zip(LINES.items(), reqs, range(1, len(LINES) + 1)):
         if message:
-            assert q["finish_reason"] == "error", case
+            assert q["outputs"][0]["finish_reason"] == "error", case
             assert re.search(message, q["error"]) and f"p.jsonl line {lineno}: " in q["error"], (case, q["error"])
             assert q["ttft_ms"] is None and q["e2e_ms"] is None, case
         else:
-            assert q["finish_reason"] == "length" and q["error"] is None, case
-    assert [len(q["output_token_ids"]) for q in reqs[:2]] == [3, 2]
+            assert q["outputs"][0]["finish_reason"] == "length" and q["error"] is None, case
+    assert [len(q["outputs"][0]["token_ids"]) for q in reqs[:2]] == [3, 2]
 
 
 def test_ctrl_c_stops_the_run_and_still_reports_what_finished(tiny_gpt2, tmp_path):
@@ -361,7 +362,7 @@ def test_ctrl_c_stops_the_run_and_still_reports_what_finished(tiny_gpt2, tmp_pat
     assert p.returncode == 130 and "Traceback" not in err, err
     assert "interrupted" in err and b"Throughput:" in stdout
     d = json.loads(out.read_text())
-    reasons = {q["finish_reason"] for q in d["requests"]}
+    reasons = {q["outputs"][0]["finish_reason"] for q in d["requests"]}
     assert "length" in reasons and "abort" in reasons and (tmp_path / "run.jsonl").stat().st_size > 0
 
 

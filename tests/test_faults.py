@@ -26,7 +26,7 @@ def engine(model_dir, sched, pp, **kw):
 @pytest.fixture(scope="module")
 def reference(tiny_gpt2):
     prompts = workload()[0]
-    return prompts, [o.output_token_ids for o in ns.LLM(str(tiny_gpt2)).generate(prompts, GREEDY, use_tqdm=False)]
+    return prompts, [o.outputs[0].token_ids for o in ns.LLM(str(tiny_gpt2)).generate(prompts, GREEDY, use_tqdm=False)]
 
 
 def assert_sound(llm, reference):
@@ -37,7 +37,7 @@ def assert_sound(llm, reference):
     assert not llm.inflight and not llm.requests
     prompts, want = reference
     again = llm.generate(prompts, GREEDY, use_tqdm=False)
-    assert [o.output_token_ids for o in again] == want
+    assert [o.outputs[0].token_ids for o in again] == want
     assert blocks.num_free_blocks == llm.num_blocks
 
 
@@ -71,14 +71,14 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(tiny_gpt2, refe
     obj, name = WHERE[where](llm)
     when = inject(obj, name, 3 * pp, llm.recorder.now)  # a few steps in: some requests run, others wait
     outs = llm.generate(reference[0], GREEDY, use_tqdm=False)
-    failed = [o for o in outs if o.finish_reason == "error"]
+    failed = [o for o in outs if o.outputs[0].finish_reason == "error"]
     assert failed, "the injected failure should have failed the requests in flight"
     assert all("failed: RuntimeError: injected failure" in o.error for o in failed)
     errors = [e.t for e in llm.recorder.events if isinstance(e, RequestFinished) and e.reason == "error"]
     assert max(errors) - when[0] < 1.0  # the failure surfaced at once
     for o, want in zip(outs, reference[1]):  # the requests that were not in flight finished as usual
-        if o.finish_reason != "error":
-            assert o.output_token_ids == want
+        if o.outputs[0].finish_reason != "error":
+            assert o.outputs[0].token_ids == want
     setattr(obj, name, getattr(type(obj), name).__get__(obj))  # the fault is gone
     assert_sound(llm, reference)
 
@@ -103,8 +103,8 @@ def test_threads_streaming_on_one_engine_each_get_their_own_outputs(tiny_gpt2, r
         try:
             mine = list(range(k, len(prompts), 4))
             tokens = {}
-            for req, token in llm.stream([prompts[i] for i in mine], GREEDY):
-                tokens.setdefault(tuple(req.prompt_token_ids), []).append(token)
+            for out in llm.stream([prompts[i] for i in mine], GREEDY):
+                tokens.setdefault(tuple(out.prompt_token_ids), []).extend(out.outputs[0].token_ids)
             got[k] = (mine, tokens)
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
@@ -138,7 +138,7 @@ def test_threads_adding_requests_while_another_generates(tiny_gpt2, reference):
         t.join()
     for _ in llm.run():
         pass
-    assert [o.output_token_ids for o in outs] == want[1::2]
+    assert [o.outputs[0].token_ids for o in outs] == want[1::2]
     assert {i: r.output_token_ids for i, r in extra.items()} == {i: want[i] for i in extra}
     assert_sound(llm, reference)
 

@@ -29,7 +29,7 @@ def run(model_dir, sched, **kw):
     assert all(o.error is None for o in outs)
     llm.scheduler.blocks.check()
     assert llm.scheduler.blocks.num_free_blocks == llm.scheduler.config.num_blocks, "a page leaked"
-    return llm, [o.output_token_ids for o in outs]
+    return llm, [o.outputs[0].token_ids for o in outs]
 
 
 def expected(hf_greedy):
@@ -84,7 +84,7 @@ def test_stop_on_eos_matches_transformers(tmp_path, hf_greedy):
     folder = save_tiny_gpt2(tmp_path)
     probe = ns.LLM(str(folder))
     outs = probe.generate(prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)
-    eos = outs[0].output_token_ids[3]  # a token greedy decoding really emits
+    eos = outs[0].outputs[0].token_ids[3]  # a token greedy decoding really emits
     import json
 
     cfg = json.loads((folder / "config.json").read_text())
@@ -92,26 +92,28 @@ def test_stop_on_eos_matches_transformers(tmp_path, hf_greedy):
     (folder / "config.json").write_text(json.dumps(cfg))
     llm = ns.LLM(str(folder))
     got = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)
-    assert got[0].finish_reason == "stop" and got[0].output_token_ids[-1] == eos
+    assert got[0].outputs[0].finish_reason == "stop" and got[0].outputs[0].token_ids[-1] == eos
     for o, full in zip(got, outs):  # stops at the first EOS, else runs to max_tokens
-        cut = full.output_token_ids.index(eos) + 1 if eos in full.output_token_ids else 30
-        assert o.output_token_ids == full.output_token_ids[:cut]
+        full_ids = full.outputs[0].token_ids
+        cut = full_ids.index(eos) + 1 if eos in full_ids else 30
+        assert o.outputs[0].token_ids == full_ids[:cut]
     ignore = llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)
-    assert ignore[0].output_token_ids == outs[0].output_token_ids
+    assert ignore[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
 
 
 def test_stop_token_ids(tiny_gpt2):
     llm = ns.LLM(str(tiny_gpt2))
     prompts, _ = workload()
     full = llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
-    stop = full[2].output_token_ids[5]
+    stop = full[2].outputs[0].token_ids[5]
     cut = llm.generate(
         prompts[:4], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=(stop,)), use_tqdm=False
     )
     for f, c in zip(full, cut):
-        n = f.output_token_ids.index(stop) + 1 if stop in f.output_token_ids else len(f.output_token_ids)
-        assert c.output_token_ids == f.output_token_ids[:n]
-    assert cut[2].finish_reason == "stop"
+        f = f.outputs[0].token_ids
+        n = f.index(stop) + 1 if stop in f else len(f)
+        assert c.outputs[0].token_ids == f[:n]
+    assert cut[2].outputs[0].finish_reason == "stop" and cut[2].outputs[0].stop_reason == stop
 
 
 def test_steps_mixing_decodes_and_chunks_attend_to_each_kind_apart(tiny_gpt2, monkeypatch):
@@ -137,7 +139,7 @@ def test_steps_mixing_decodes_and_chunks_attend_to_each_kind_apart(tiny_gpt2, mo
 def test_context_limit_finishes_with_length(tiny_gpt2):
     llm = ns.LLM(str(tiny_gpt2), max_model_len=24)
     out = llm.generate([list(range(20))], SamplingParams(temperature=0, max_tokens=100), use_tqdm=False)[0]
-    assert len(out.output_token_ids) == 4 and out.finish_reason == "length"
+    assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].finish_reason == "length"
 
 
 def test_abort_frees_pages(tiny_gpt2):
@@ -159,7 +161,7 @@ def test_a_request_added_mid_run_is_served_before_later_arrivals(tiny_gpt2):
     that arrives later, and it gets the tokens it would get alone."""
     prompts, _ = workload()
     params = SamplingParams(temperature=0, max_tokens=4)
-    alone = ns.LLM(str(tiny_gpt2)).generate([prompts[3]], params, use_tqdm=False)[0].output_token_ids
+    alone = ns.LLM(str(tiny_gpt2)).generate([prompts[3]], params, use_tqdm=False)[0].outputs[0].token_ids
     llm = ns.LLM(str(tiny_gpt2))
     llm.add_request(prompts[0], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
     late = llm.add_request(prompts[1], params, arrival_s=600.0)  # ten minutes from now
@@ -190,7 +192,7 @@ def test_num_cached_tokens_counts_the_prefix_hit(tiny_gpt2):
     assert [o.num_cached_tokens for o in again] == [40, 40, 40]
     off = ns.LLM(str(tiny_gpt2), block_size=8, enable_prefix_caching=False).generate(shared, params, use_tqdm=False)
     assert [o.num_cached_tokens for o in off] == [0, 0, 0]
-    assert [o.output_token_ids for o in again] == [o.output_token_ids for o in off]
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in off]
 
 
 def test_stream_yields_every_token_in_order(tiny_gpt2):
@@ -198,7 +200,7 @@ def test_stream_yields_every_token_in_order(tiny_gpt2):
     prompts, _ = workload()
     params = SamplingParams(temperature=0, max_tokens=6)
     streamed = {}
-    for req, token in llm.stream(prompts[:3], params):
-        streamed.setdefault(req.request_id, []).append(token)
+    for out in llm.stream(prompts[:3], params):
+        streamed.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
     outs = ns.LLM(str(tiny_gpt2)).generate(prompts[:3], params, use_tqdm=False)
-    assert list(streamed.values()) == [o.output_token_ids for o in outs]
+    assert list(streamed.values()) == [o.outputs[0].token_ids for o in outs]

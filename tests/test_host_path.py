@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nanoserve as ns
+from entrypoints.cli import random_workload
 from sched import SCHEDULERS, SamplingParams
 from tests.test_greedy import workload
 from viz.trace import Span
@@ -18,7 +19,7 @@ GPT2 = dict(load_format="dummy", device="sim:h200")
 
 
 def random_requests(llm, n, in_len=(20, 60), out_len=(10, 30), **params):
-    work = ns.random_workload(n, in_len, out_len, llm.model_config.vocab_size, seed=0)
+    work = random_workload(n, in_len, out_len, llm.model_config.vocab_size, seed=0)
     return [
         llm.add_request(d["prompt_token_ids"], SamplingParams(max_tokens=d["max_tokens"], ignore_eos=True, **params))
         for d in work

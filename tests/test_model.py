@@ -47,7 +47,7 @@ def test_paged_forward_matches_dense_forward(tiny_gpt2):
     out = llm.generate([a, b], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
     with torch.no_grad():
         for prompt, o in zip((a, b), out):
-            assert o.output_token_ids == [llm.model(torch.tensor([prompt]))[0, -1].argmax().item()]
+            assert o.outputs[0].token_ids == [llm.model(torch.tensor([prompt]))[0, -1].argmax().item()]
 
 
 def test_gpt2_tokenizer_from_vocab_and_merges(tmp_path):
@@ -57,8 +57,8 @@ def test_gpt2_tokenizer_from_vocab_and_merges(tmp_path):
     assert tok.decode([15496, 995]) == "Hello world"
     llm = ns.LLM(str(folder), num_gpu_blocks_override=16)
     out = llm.generate(["Hello world"], ns.SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0]
-    assert out.prompt_token_ids == [15496, 995] and len(out.output_token_ids) == 3
-    assert out.text == tok.decode(out.output_token_ids)
+    assert out.prompt_token_ids == [15496, 995] and len(out.outputs[0].token_ids) == 3
+    assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids)
 
 
 def test_dummy_gpt2_family_needs_no_files():
@@ -127,5 +127,5 @@ def test_cache_slots_a_request_did_not_write_cannot_leak_in(tiny_gpt2, hf_greedy
     prompts = [list(range(3, 20)), list(range(50, 53))]
     params = SamplingParams(temperature=0, max_tokens=6)
     want = [hf_greedy(p, 6) for p in prompts]
-    assert [o.output_token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
-    assert [o.output_token_ids for o in llm.generate(prompts[::-1], params, use_tqdm=False)] == want[::-1]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts[::-1], params, use_tqdm=False)] == want[::-1]

@@ -59,7 +59,7 @@ def test_same_seed_same_tokens_whatever_the_batch(tiny_gpt2):
     """A seeded request gives the same tokens alone or in a crowd; another seed gives others."""
     seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=12)
     prompt = list(range(10))
-    alone = ns.LLM(str(tiny_gpt2)).generate([prompt], seeded, use_tqdm=False)[0].output_token_ids
+    alone = ns.LLM(str(tiny_gpt2)).generate([prompt], seeded, use_tqdm=False)[0].outputs[0].token_ids
     crowd = (
         ns.LLM(str(tiny_gpt2))
         .generate(
@@ -67,12 +67,14 @@ def test_same_seed_same_tokens_whatever_the_batch(tiny_gpt2):
             [SamplingParams(max_tokens=5), seeded, SamplingParams(max_tokens=20)],
             use_tqdm=False,
         )[1]
-        .output_token_ids
+        .outputs[0]
+        .token_ids
     )
     other = (
         ns.LLM(str(tiny_gpt2))
         .generate([prompt], SamplingParams(temperature=1.0, seed=99, max_tokens=12), use_tqdm=False)[0]
-        .output_token_ids
+        .outputs[0]
+        .token_ids
     )
     assert alone == crowd
     assert alone != other

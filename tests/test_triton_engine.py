@@ -42,7 +42,7 @@ def test_triton_engine_matches_transformers(tiny_gpt2, hf_greedy, graphs, sched)
     prompts, max_tokens = workload()
     prompts, max_tokens = prompts[:6], [min(m, 8) for m in max_tokens[:6]]
     outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=m) for m in max_tokens], use_tqdm=False)
-    assert [o.output_token_ids for o in outs] == [hf_greedy(p, m) for p, m in zip(prompts, max_tokens)]
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(p, m) for p, m in zip(prompts, max_tokens)]
     llm.scheduler.blocks.check()
     if graphs:
         assert len(replays) >= 5 and set(replays) > {6}, "decode steps should replay, with several batch sizes"
@@ -76,7 +76,7 @@ def test_triton_pipeline_matches_transformers(tiny_gpt2, hf_greedy, sched):
     prompts, max_tokens = workload()
     prompts, max_tokens = prompts[:6], [min(m, 8) for m in max_tokens[:6]]
     outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=m) for m in max_tokens], use_tqdm=False)
-    assert [o.output_token_ids for o in outs] == [hf_greedy(p, m) for p, m in zip(prompts, max_tokens)]
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(p, m) for p, m in zip(prompts, max_tokens)]
     llm.scheduler.blocks.check()
 
 
