@@ -148,7 +148,9 @@ class AttnMetadata:
         """A copy with the step's attention plan, made once by whoever runs the layers (in a CUDA graph, by
         the captured function itself, so that a replay plans its own step)."""
         args = (self.cu_seqlens_q, self.context_lens, self.block_tables, self.max_q, self.max_ctx)
-        return replace(self, plan=self.ops.plan_attention(*args))
+        k_cache = self.kv_caches[0][0]
+        key_bytes = k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size()  # one layer's, one key
+        return replace(self, plan=self.ops.plan_attention(*args, key_bytes=key_bytes))
 
     def attend(self, layer: int, q, k, v, scale: float):
         """Write the new tokens' keys and values into layer's pages, then attend the queries over the pages.
@@ -1200,13 +1202,14 @@ class ModelRunner:
         )
         if placeholders:
             part.update(ph_dst=w.put(cu[1:][placeholders] - 1, np.int64), ph_src=w.put(ph_src, np.int64))
-        page_writes, scatter_rows = self.page_writes(row, start, q_len, cu, w)
+        page_writes, scatter_rows = self.page_writes(row, start, q_len, cu, w) if self.ops.WRITES_PAGES else ([], None)
         if scatter_rows is not None:
             part.update(scatter=w.put(scatter_rows, np.int64), scatter_slots=w.put(slots[scatter_rows], np.int64))
         if self.zeroed is not None and not self.zeroed[pages].all():  # pages written for the first time (CPU)
-            fresh = np.unique(pages[~self.zeroed[pages]])
+            fresh, slots_written = np.unique(pages[~self.zeroed[pages]], return_counts=True)
             self.zeroed[fresh] = True
-            part["fresh"] = w.put(fresh, np.int64)
+            if len(fresh := fresh[slots_written < bs]):  # a page this step fills whole needs no zeroing first
+                part["fresh"] = w.put(fresh, np.int64)
         a = rows.sampling(row[sample], [r.num_outputs for r in sampled])
         host = {k: a.pop(k) for k in ("all_greedy", "num_logprobs", "top_k_max")}
         s_parts = {k: w.put(v, v.dtype.type) for k, v in a.items()}

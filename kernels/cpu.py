@@ -7,7 +7,7 @@ SDPA; this does the same attention in pieces that fit the CPU's caches (measured
 VM by benchmarks/bench_mixed_attention.py, which also times the alternatives that lost):
 
 1. Decodes (one query each) need no query padding, and are attended in groups of similar context:
-   sorted by context length, cut into groups of at most DECODE_KEYS padded keys, each group's pages
+   sorted by context length, cut into groups of at most DECODE_BYTES of padded keys, each group's pages
    gathered and attended up to its own longest context. The padding saved is the smaller gain; the
    larger is that a group's gathered keys and values (1024 GPT-2 keys: 3 MiB each) are still in the
    caches when SDPA reads them, where the reference's one buffer for the whole step (hundreds of MiB
@@ -32,7 +32,10 @@ import torch.nn.functional as F
 
 from kernels.reference import check_heads, gather_pages, write_kv, write_kv_pages
 
-DECODE_KEYS = 1024  # padded keys of a decode group: its gathered keys and values stay in the CPU's caches
+DECODE_BYTES = 3 << 20  # the gathered keys of a decode group (as many again of values): they stay in the caches
+
+
+WRITES_PAGES = False  # one scatter of every new row by slot is faster on a CPU than a write per chunk
 
 
 @dataclass(frozen=True)
@@ -66,9 +69,10 @@ class AttentionPlan:
     chunks: list
 
 
-def plan_attention(cu_seqlens_q, context_lens, block_tables, max_q, max_ctx, *, decode_keys=DECODE_KEYS):
+def plan_attention(cu_seqlens_q, context_lens, block_tables, max_q, max_ctx, *, key_bytes=None, decode_keys=None):
     """Build the step's `AttentionPlan` (module docstring); the tensors are on the CPU, so reading
-    the lengths costs no device sync.
+    the lengths costs no device sync. `key_bytes` is one layer's bytes of one key (n_kv_heads x head_dim x
+    element size): a decode group holds DECODE_BYTES of keys (or `decode_keys` keys, if given).
 
     >>> i32 = lambda *x: torch.tensor(x, dtype=torch.int32)
     >>> plan = plan_attention(i32(0, 1, 2, 5), i32(9, 4, 3), i32([2, 1], [0, 0], [3, 0]), max_q=3, max_ctx=9)
@@ -77,6 +81,8 @@ def plan_attention(cu_seqlens_q, context_lens, block_tables, max_q, max_ctx, *, 
     """
     cu, ctx = cu_seqlens_q.tolist(), context_lens.tolist()
     tables = block_tables.long()
+    if decode_keys is None:  # a group's keys in bytes, not in keys: GPT-2's 12 x 64 floats make 1024 keys 3 MiB
+        decode_keys = DECODE_BYTES // (key_bytes or 3072)
     decodes = sorted((i for i in range(len(ctx)) if cu[i + 1] - cu[i] == 1), key=lambda i: ctx[i])
     groups, reqs = [], []
     for i in decodes:  # shortest context first: a group is padded to its last request's context

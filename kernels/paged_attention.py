@@ -112,6 +112,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ---------------------------------------------------------------------------------------------
 
 
+WRITES_PAGES = True  # the runner may hand chunks that start on a page boundary to write_kv_pages
+
+
 @triton.jit
 def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
@@ -687,7 +690,7 @@ class AttentionPlan:
     num_kv_splits: int | None = None
 
 
-def plan_attention(cu_seqlens_q, context_lens, block_tables, max_q, max_ctx, *, num_kv_splits=None):
+def plan_attention(cu_seqlens_q, context_lens, block_tables, max_q, max_ctx, *, num_kv_splits=None, key_bytes=None):
     """The step's `AttentionPlan`, for every layer's `paged_attention(..., plan=plan)`. It reads no
     tensor, not even a shape's worth of device memory, so it can be built inside a CUDA-graph capture.
     `num_kv_splits` forces the number of KV splits of a decode step (1 = off).

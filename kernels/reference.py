@@ -36,6 +36,9 @@ import torch.nn.functional as F
 _buffers = threading.local()  # per thread (one per pipeline stage): the reused gather buffers on CPU
 
 
+WRITES_PAGES = True  # the runner may hand chunks that start on a page boundary to write_kv_pages
+
+
 def write_kv(k_cache, v_cache, k, v, slot_mapping):
     """Scatter each new token's key and value, (N, n_kv_heads, head_dim), into its slot of the paged cache.
 
@@ -126,7 +129,7 @@ class ByKindPlan:
     kinds: list
 
 
-def plan_attention(cu_seqlens_q, context_lens, block_tables, max_q, max_ctx, *, n_rows=None):
+def plan_attention(cu_seqlens_q, context_lens, block_tables, max_q, max_ctx, *, n_rows=None, key_bytes=None):
     """Everything `paged_attention` derives from the step alone, built once per step for all layers.
 
     `max_q` and `max_ctx` are the largest q_len and context_len, passed as ints so that a decode step

@@ -71,7 +71,10 @@ BLOCK, BUDGET = 16, 40
 
 def run(sched):
     """Run the workload; record, for every step, the rows the runner writes by page and by slot."""
-    llm = ns.LLM(sched=sched, block_size=BLOCK, max_num_batched_tokens=BUDGET, num_gpu_blocks_override=64, device="cpu")
+    llm = ns.LLM(
+        sched=sched, block_size=BLOCK, max_num_batched_tokens=BUDGET, num_gpu_blocks_override=64, device="cpu",
+        attention="reference",  # the backend with both KV writes (the fast CPU one always scatters by slot)
+    )  # fmt: skip
     writes = []  # per step: (rows written page by page, rows scattered slot by slot)
     prepare = llm.runner.prepare
 
