@@ -129,6 +129,7 @@ class AttnMetadata:
     every model's attention layer makes: `attend`."""
 
     slot_mapping: torch.Tensor  # (N,) cache slot of every new token
+    positions: torch.Tensor  # (N,) position of every new token (rotary embeddings read it)
     cu_seqlens_q: torch.Tensor  # (B+1,) request i owns rows cu[i]:cu[i+1]
     context_lens: torch.Tensor  # (B,) tokens in the cache after this step
     block_tables: torch.Tensor  # (B, max_blocks) page ids
@@ -216,7 +217,35 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class PagedLM(nn.Module):
+    """What the engine asks of a model, written once for every architecture: one serving step is
+    embed -> the layers -> the LM head over the rows to sample, and a pipeline stage runs a slice of the
+    layers. A model provides `embed(input_ids, positions)`, `blocks()` (each called as
+    block(x, layer, meta), its attention going through `meta.attend`), `final_norm` and `lm_head_weight()`.
+    """
+
+    def forward_paged(self, input_ids, positions, meta: AttnMetadata, logits_indices):
+        """One serving step: (N,) new tokens at their positions -> logits (len(logits_indices), vocab).
+
+        Only the rows that will be sampled (each request's last new token) reach the LM head.
+        """
+        x = self.embed(input_ids, positions)
+        x = self.layers(x, meta, 0, len(self.blocks()))
+        return self.head(x, logits_indices)
+
+    # the three parts of forward_paged, run by different pipeline stages with --pp
+    def layers(self, x, meta: AttnMetadata, start: int, end: int):
+        meta = meta.planned()  # once per step (per pipeline stage), for all of its layers
+        blocks = self.blocks()
+        for i in range(start, end):
+            x = blocks[i](x, i, meta)
+        return x
+
+    def head(self, x, logits_indices):  # only the rows to sample reach the LM head
+        return self.final_norm(x[logits_indices]) @ self.lm_head_weight().T
+
+
+class GPT(PagedLM):
     """GPT-2. `forward(idx)` runs a dense (B, T) batch; `forward_paged` runs one serving step.
 
     >>> m = GPT(GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2))
@@ -244,33 +273,21 @@ class GPT(nn.Module):
         """The transformer layers (every new token goes through all of them)."""
         return self.h
 
+    @property
+    def final_norm(self):
+        return self.ln_f
+
+    def lm_head_weight(self):
+        return self.wte.weight  # the LM head is tied to the token embedding
+
     def forward(self, idx):  # (B, T) -> logits (B, T, vocab)
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for i, block in enumerate(self.h):
             x = block(x, i, None)
-        return self.ln_f(x) @ self.wte.weight.T  # the LM head is tied to the token embedding
+        return self.ln_f(x) @ self.wte.weight.T
 
-    def forward_paged(self, input_ids, positions, meta: AttnMetadata, logits_indices):
-        """One serving step: (N,) new tokens at their positions -> logits (len(logits_indices), vocab).
-
-        Only the rows that will be sampled (each request's last new token) reach the LM head.
-        """
-        x = self.embed(input_ids, positions)
-        x = self.layers(x, meta, 0, len(self.h))
-        return self.head(x, logits_indices)
-
-    # the three parts of forward_paged, run by different pipeline stages with --pp
     def embed(self, input_ids, positions):  # (N,) -> (N, C)
         return self.wte(input_ids) + self.wpe(positions)
-
-    def layers(self, x, meta: AttnMetadata, start: int, end: int):
-        meta = meta.planned()  # once per step (per pipeline stage), for all of its layers
-        for i in range(start, end):
-            x = self.h[i](x, i, meta)
-        return x
-
-    def head(self, x, logits_indices):  # only the rows to sample reach the LM head
-        return self.ln_f(x[logits_indices]) @ self.wte.weight.T
 
 
 # Hugging Face GPT-2 checkpoints store the projections as Conv1D, i.e. weight [in, out].
@@ -1040,6 +1057,7 @@ class DecodeGraphs:
         for b in reversed(self.sizes):  # the largest first, so the smaller ones fit in its memory pool
             meta = AttnMetadata(
                 self.slot_mapping[:b],
+                self.positions[:b],
                 self.cu_seqlens_q[: b + 1],
                 self.context_lens[:b],
                 self.block_tables[:b],
@@ -1216,7 +1234,7 @@ class ModelRunner:
         t = w.send()
         get = lambda k: t[part[k]] if k in part else None
         meta = AttnMetadata(
-            get("slots"), get("cu"), get("ctx"), get("tables"), int(q_len.max()), int(ctx.max()),
+            get("slots"), get("positions"), get("cu"), get("ctx"), get("tables"), int(q_len.max()), int(ctx.max()),
             self.kv_caches, self.ops,
             page_writes=[(a, b, t[i]) for a, b, i in page_writes],
             scatter_rows=get("scatter"), scatter_slots=get("scatter_slots"), fresh_pages=get("fresh"),
