@@ -71,10 +71,23 @@ class GPTConfig:
     def n_kv_heads(self):  # GPT-2 keeps a key and a value per query head (the Llama family shares them)
         return self.n_head
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:  # every id that ends a request (the Llama family may have several)
+        return () if self.eos_token_id is None else (self.eos_token_id,)
+
+    architecture = "GPT2LMHeadModel"  # the Hugging Face class of the same weights
+
     @classmethod
     def from_hf(cls, d: dict, source="config.json"):
         """Read a Hugging Face GPT-2 `config.json` dict (unknown keys are ignored); a bad value raises
-        ValueError naming `source` and the key."""
+        ValueError naming `source` and the key, and so does another architecture's config."""
+        for name, value, ours in (("architectures", d.get("architectures"), ["GPT2LMHeadModel"]),
+                                  ("model_type", d.get("model_type"), "gpt2")):  # fmt: skip
+            if value not in (None, ours):  # a Llama config read as GPT-2 would otherwise build a GPT-2
+                raise ValueError(
+                    f"{source}: {name} {value!r} is not GPT-2's ({ours!r}); load_model reads the other "
+                    "architectures nanoserve runs (models/llama.py)"
+                )
         act = d.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU; nanoserve runs GPT-2")
@@ -113,7 +126,7 @@ class GPTConfig:
         return d
 
 
-# Known GPT-2 family shapes, for `--load-format dummy` with no download.
+# Known GPT-2 family shapes, for `--load-format dummy` with no download (the Llama family's: models/llama.py).
 GPT2_FAMILY = {
     "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
@@ -312,7 +325,8 @@ def ours_to_hf(state: dict) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Loading: a Hugging Face GPT-2 folder, a hub id, or dummy weights; the tokenizer beside them
+# Loading: a Hugging Face model folder, a hub id, or dummy weights; the tokenizer beside them. GPT-2 is the
+# model above; config.json's `architectures` may name one of the Llama family instead (models/llama.py).
 
 
 class Tokenizer:
@@ -391,8 +405,9 @@ def gpt2_tokenizer():
     return Tokenizer.from_folder(Path(spec.submodule_search_locations[0]) / "data")
 
 
-def resolve_model_dir(model: str | None) -> Path:
-    """A local folder as is; otherwise a Hugging Face hub id, downloaded when the hub extra is installed."""
+def resolve_model_dir(model: str | None, weights: bool = True) -> Path:
+    """A local folder as is; otherwise a Hugging Face hub id, downloaded when the hub extra is installed (without
+    the weights when `weights` is False: --load-format dummy needs only the config)."""
     if model is None:
         return DEFAULT_MODEL
     path = Path(model).expanduser()
@@ -409,12 +424,21 @@ def resolve_model_dir(model: str | None) -> Path:
             f"`pip install 'nanoserve[hub]'` and a network; or {hint}"
         ) from None
     try:
-        patterns = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
+        patterns = ["config.json", "generation_config.json", "tokenizer.json", "vocab.json", "merges.txt"]
+        if weights:  # one file, or an index and its shards
+            patterns += ["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
         return Path(snapshot_download(model, allow_patterns=patterns))
     except Exception as e:
         raise ValueError(
             f"could not fetch {model!r} from the Hugging Face hub ({type(e).__name__}); offline, {hint}"
         ) from None
+
+
+def dummy_shapes() -> dict:
+    """The built-in shapes for `--load-format dummy`: GPT-2's (GPT2_FAMILY) and the Llama family's (models/llama.py)."""
+    from models.llama import LLAMA_FAMILY
+
+    return {**GPT2_FAMILY, **LLAMA_FAMILY}
 
 
 def load_model(model: str | None = None, load_format: str = "auto", dtype=torch.float32, device="cpu"):
@@ -423,19 +447,22 @@ def load_model(model: str | None = None, load_format: str = "auto", dtype=torch.
     >>> m, tok, name = load_model("distilgpt2", load_format="dummy", device="meta")  # shapes only
     >>> m.config.n_layer, name
     (6, 'distilgpt2')
+    >>> load_model("qwen3-0.6b", load_format="dummy", device="meta")[0].config.n_kv_heads  # 16 query heads
+    8
     """
-    if load_format == "dummy" and model in GPT2_FAMILY:  # random weights of a known shape, no files at all
-        cfg, tok, name, folder = GPT2_FAMILY[model], gpt2_tokenizer(), model, None
+    shapes = dummy_shapes()
+    if load_format == "dummy" and model in shapes:  # random weights of a known shape, no files at all
+        # GPT-2's tokenizer may be installed; the Llama family's come only with their checkpoints
+        cfg, tok, name, folder = shapes[model], gpt2_tokenizer() if model in GPT2_FAMILY else None, model, None
     else:
-        folder = resolve_model_dir(model)
+        folder = resolve_model_dir(model, weights=load_format != "dummy")
         name = str(model or folder.relative_to(ROOT))
         if not (folder / "config.json").exists():
-            known = ", ".join(GPT2_FAMILY)
             raise ValueError(
                 f"{folder} has no config.json; a model folder needs config.json and model.safetensors "
-                f"(or use --load-format dummy with one of: {known})"
+                f"(or use --load-format dummy with one of: {', '.join(shapes)})"
             )
-        cfg = GPTConfig.from_hf(read_json(folder / "config.json"), folder / "config.json")
+        cfg = read_config(folder)
         tok = Tokenizer.from_folder(folder)
         if tok is not None and tok.vocab_size > cfg.vocab_size:
             print(
@@ -445,11 +472,47 @@ def load_model(model: str | None = None, load_format: str = "auto", dtype=torch.
                 file=sys.stderr,
             )
     with torch.device(device):
-        gpt = GPT(cfg)  # dummy weights: GPT-2's initialisation
+        net = build_model(cfg)  # dummy weights: the architecture's own initialisation
     if load_format != "dummy":
-        gpt.load_state_dict(read_weights(folder, gpt), strict=True)
-    gpt.folder = folder  # where it came from (None for a built-in shape)
-    return gpt.to(dtype).eval(), tok, name
+        net.load_state_dict(read_weights(folder, net), strict=True)  # a bfloat16 checkpoint becomes float32 here
+    net.folder = folder  # where it came from (None for a built-in shape)
+    return net.to(dtype).eval(), tok, name
+
+
+def read_config(folder: Path):
+    """The model's config from config.json, by its `architectures` (or `model_type`): GPT-2's GPTConfig, or a
+    Llama-family config, whose stop tokens include generation_config.json's. Any other model is refused."""
+    from models import llama
+
+    path = folder / "config.json"
+    d = read_json(path)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds {type(d).__name__}, not a JSON object; download or save it again")
+    by_type = {"gpt2": "GPT2LMHeadModel", **{t: a for a, t in llama.ARCHITECTURES.items()}}
+    archs = d.get("architectures") or [by_type.get(d.get("model_type", "gpt2"))]
+    if archs[0] in llama.ARCHITECTURES:
+        return llama.LlamaConfig.from_hf(d, path, read_stop_ids(folder))
+    if archs[0] == "GPT2LMHeadModel":
+        return GPTConfig.from_hf(d, path)  # GPT-2 stops on config.json's eos_token_id alone
+    field = f"architectures {d['architectures']!r}" if d.get("architectures") else f"model_type {d.get('model_type')!r}"
+    raise ValueError(f"{path}: {field} is not a model nanoserve runs; it runs {', '.join(by_type.values())}")
+
+
+def read_stop_ids(folder: Path) -> tuple[int, ...]:
+    """generation_config.json's `eos_token_id` (one id or a list; Qwen3 lists two): each of them ends a request."""
+    from models.llama import as_ids
+
+    path = folder / "generation_config.json"
+    return as_ids(read_json(path).get("eos_token_id"), "eos_token_id", path) if path.exists() else ()
+
+
+def build_model(cfg) -> PagedLM:
+    """GPT-2 for a GPTConfig, the Llama family's model for its config: built on the current torch device."""
+    if isinstance(cfg, GPTConfig):
+        return GPT(cfg)
+    from models.llama import Llama
+
+    return Llama(cfg)
 
 
 def read_json(path: Path):
@@ -459,11 +522,19 @@ def read_json(path: Path):
         raise ValueError(f"{path} could not be read as JSON ({e}); download or save it again") from None
 
 
-def read_weights(folder: Path, gpt: GPT) -> dict:
-    """Read `model.safetensors` and check every tensor against the model the config describes."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def weight_files(folder: Path) -> tuple[Path, list[Path]]:
+    """The checkpoint's safetensors files: model.safetensors, or the shards model.safetensors.index.json lists.
+    Returns (the file to name in errors, the files to read)."""
+    index = folder / "model.safetensors.index.json"
+    if not (folder / "model.safetensors").exists() and index.exists():
+        d = read_json(index)
+        weight_map = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map of tensor names to files; download or save it again")
+        shards = [folder / f for f in sorted(set(weight_map.values()))]
+        if missing := [p.name for p in shards if not p.exists()]:
+            raise ValueError(f"{index} lists {missing[0]}, which is missing from {folder}; download it again")
+        return index, shards
     path = folder / "model.safetensors"
     if not path.exists():
         other = [p.name for p in folder.glob("*.bin")]
@@ -473,15 +544,27 @@ def read_weights(folder: Path, gpt: GPT) -> dict:
             else ""
         )
         raise ValueError(f"{folder} has no model.safetensors{extra}")
-    try:
-        state = hf_to_ours(load_file(path))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is truncated or corrupt ({e}); download or save it again") from None
-    expected = gpt.state_dict()
+    return path, [path]
+
+
+def read_weights(folder: Path, model: PagedLM) -> dict:
+    """Read the checkpoint (one file or shards) and check every tensor against the model the config describes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path, files = weight_files(folder)
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(f))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is truncated or corrupt ({e}); download or save it again") from None
+    state = hf_to_ours(state) if isinstance(model, GPT) else model.hf_to_ours(state)
+    expected = model.state_dict()
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing or unexpected:
         raise ValueError(
-            f"{path} does not match a GPT-2 of this config: missing {sorted(missing)[:4]}, "
+            f"{path} does not match a {model.config.architecture} of this config: missing {sorted(missing)[:4]}, "
             f"unexpected {sorted(unexpected)[:4]}"
         )
     for k, w in state.items():
@@ -1134,7 +1217,7 @@ class ModelRunner:
         self.graphs = None
         if sim is not None:  # no weights, no cache: the simulated device only needs the sizes
             dtype_bytes = next(model.parameters()).element_size()
-            stops = [mc.eos_token_id] if mc.eos_token_id is not None else []
+            stops = list(mc.eos_token_ids)
             self.dev = SimDevice(sim, lanes, recorder, model_sizes(model), mc, dtype_bytes, stops)
             self.kv_caches, self.zeroed = [], None
             return
@@ -1462,7 +1545,7 @@ class LLM:
             device=cfg.device if self.sim else str(self.device),
             max_model_len=max_model_len,
             num_blocks=num_blocks,
-            eos_token_ids=() if mc.eos_token_id is None else (mc.eos_token_id,),
+            eos_token_ids=tuple(mc.eos_token_ids),
             cuda_graphs=bool(graphs) and not self.sim,
         )
         self.recorder = Recorder()

@@ -23,7 +23,7 @@ def cells(notebook) -> list[tuple[str, str]]:
 
 
 def test_lessons_are_numbered_in_order():
-    assert [int(p.name[:2]) for p in SCRIPTS] == list(range(1, 12))
+    assert [int(p.name[:2]) for p in SCRIPTS] == list(range(1, 13))
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
