@@ -3,9 +3,11 @@
     python nanoserve.py --sched sync                 # the embedded model, demo prompts
     python nanoserve.py --model gpt2 --load-format dummy --workload random --num-prompts 256 --ignore-eos
 
-The file is in five parts: the GPT-2 model; loading weights and tokenizers; the model runner (inputs,
-paged attention, sampling, on a device thread); the engine loop shared by every scheduler; and the CLI.
-The scheduling policies live in sched/, the attention kernels in kernels/, the trace events in viz/.
+The file is in four parts: the GPT-2 model (and PagedLM, what every model gives the engine); loading
+weights and tokenizers; the model runner (a step's inputs, the devices it runs on, sampling); and the
+engine, whose one loop every scheduler shares. The scheduling policies live in sched/, the attention
+kernels in kernels/, the Llama family in models/, the trace events and the viewer in viz/, the command
+line and the HTTP server in entrypoints/. docs/ARCHITECTURE.md is the map.
 """
 
 import atexit
@@ -1464,6 +1466,30 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
 
 
+class OutputStream:
+    """A prompt's outputs as they grow: `take()` returns a RequestOutput of what is new since the last take
+    (vLLM's delta outputs: new token ids, new text, never half a character), or None. It reads the requests
+    under the engine's lock, so that no step is half applied when it looks; `finished` once the last output
+    has been taken."""
+
+    def __init__(self, llm, group: "RequestGroup"):
+        self.llm, self.group = llm, group
+        self.sent = {r.request_id: [0, 0, False] for r in group}  # per sample: tokens, characters, finished
+
+    @property
+    def finished(self) -> bool:
+        return all(done for _, _, done in self.sent.values())
+
+    def take(self) -> "RequestOutput | None":
+        with self.llm.lock:
+            news = [c for r in self.group if (c := self.llm._news(r, self.sent[r.request_id]))]
+        return self.llm.output(self.group, news) if news else None
+
+    def abort(self):
+        for r in self.group:
+            self.llm.abort(r.request_id)
+
+
 class RequestGroup(list):
     """The n samples of one prompt (`SamplingParams(n=...)`): a Request each, with ids "0_<id>", "1_<id>", ...
     as vLLM names them, and one RequestOutput for all."""
@@ -1876,8 +1902,12 @@ class LLM:
             self.scheduler.add_request(req)
 
     def _forget_finished(self):
-        for rid in self.scheduler.take_finished():
+        sched = self.scheduler
+        for rid in sched.take_finished():
             self.requests.pop(rid, None)
+        if not self.inflight and sched.released:  # no step reads the rows: those of finished requests go now
+            self.runner.rows.release(sched.released)  # (else the next batch's prepare frees them)
+            sched.released = []
 
     # --- outputs: each caller its own --------------------------------------------------------------
 
@@ -1959,12 +1989,17 @@ class LLM:
         ...     llm.generate([1, 2], sp, use_tqdm=False)[0].outputs[0].token_ids
         True
         """
-        groups = self._add_all(prompts, params, detokenize=True)
-        sent = {r.request_id: [0, 0, False] for g in groups for r in g}  # tokens, characters sent; finished sent
-        for _ in itertools.chain(self._serve([r for g in groups for r in g]), [None]):  # a last look at the end
-            for g in groups:
-                if news := [c for r in g if (c := self._news(r, sent[r.request_id]))]:
-                    yield self.output(g, news)
+        streams = [OutputStream(self, g) for g in self._add_all(prompts, params, detokenize=True)]
+        for _ in itertools.chain(self._serve([r for s in streams for r in s.group]), [None]):  # a last look at the end
+            for s in streams:
+                if out := s.take():
+                    yield out
+
+    def open_stream(self, prompt, params: SamplingParams | None = None, request_id: str | None = None):
+        """Queue one prompt and return its OutputStream (the server's way in). Safe from any thread."""
+        if self.dead:
+            raise EngineDead(self.dead)
+        return OutputStream(self, self._add(prompt, params, request_id=request_id, detokenize=True))
 
     def _news(self, req: Request, sent: list) -> CompletionOutput | None:
         """What is new in req since `sent` (tokens, characters, finished) was sent, or None; moves `sent` on."""

@@ -130,13 +130,13 @@ def positive(kind):
     return parse
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+def add_engine_args(p: argparse.ArgumentParser):
+    """The flags of EngineConfig (the model and the engine): shared by the offline command line and `serve`."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="a Hugging Face GPT-2 folder or hub id (default: models/shakespeare)")
+    g.add_argument("--model", default=None, help="a Hugging Face folder or hub id (default: models/shakespeare)")
     g.add_argument("--load-format", default="auto", choices=LOAD_FORMATS, help="dummy: random weights")
     g.add_argument("--dtype", default="auto", choices=DTYPES)
-    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or sim:h100/h200/a100 (default: cuda if any)")
     g.add_argument(
         "--attention-backend",
         dest="attention",
@@ -149,8 +149,6 @@ def build_parser():
     g = p.add_argument_group("engine")
     g.add_argument("--sched", default="sync", help=f"the scheduler: {', '.join(SCHEDULERS)}")
     g.add_argument("--pp", type=int, default=1, help="pipeline stages: the layers split into PP stage workers")
-    g.add_argument("--compare", default=None, help="run the workload under each scheduler, e.g. sync,async")
-    g.add_argument("--repeats", type=positive(int), default=3, help="--compare: runs of each, interleaved A B B A ...")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-model-len", type=int, default=None)
@@ -159,11 +157,23 @@ def build_parser():
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     g.add_argument("--step-timeout-s", type=float, default=None, help="fail the run if a step takes longer")
+    g.add_argument("--seed", type=int, default=0)
+    return g
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="python nanoserve.py serve --help: the OpenAI-compatible server",
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    g = add_engine_args(p)
+    g.add_argument("--compare", default=None, help="run the workload under each scheduler, e.g. sync,async")
+    g.add_argument("--repeats", type=positive(int), default=3, help="--compare: runs of each, interleaved A B B A ...")
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=None, help="0: greedy (default 0.8 for demo, else 1)")
     g.add_argument("--top-k", type=int, default=None, help="0: off (default 40 for demo, else 0)")
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-tokens", type=int, default=None, help="per request (default: 64, or --output-len)")
     g.add_argument("--ignore-eos", action="store_true")
     g = p.add_argument_group("workload")
@@ -471,6 +481,11 @@ def workload_record(args) -> dict:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # python nanoserve.py serve ...: the HTTP server
+        from entrypoints.openai import main as serve
+
+        return serve(argv[1:])
     args = build_parser().parse_args(argv)
     scheds = args.compare.split(",") if args.compare else [args.sched]
     try:  # every flag is checked before anything is loaded or run

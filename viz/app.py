@@ -70,6 +70,7 @@ class VizApp(App):
         paused: bool = False,
         at: str | int = "start",
         exit_when_done: bool = False,
+        steps=None,  # live: the engine loop to drive (default llm.run(); a server's never ends)
         fps: float = 30,
         ui_cpu_share: float = UI_CPU_SHARE,
         screenshot_dir: str | Path = ".",
@@ -84,7 +85,7 @@ class VizApp(App):
         self.driver = None  # live: the engine's driver, which run_live asks how the run went
         if llm is not None:
             post = lambda progress: self.post_message(EngineProgress(progress))
-            self.control = LiveControl(llm, post, speed=speed, paused=paused, ui_cpu_share=ui_cpu_share)
+            self.control = LiveControl(llm, post, speed=speed, paused=paused, ui_cpu_share=ui_cpu_share, steps=steps)
             self.driver = self.control.driver
         else:
             replay = Replay(events)

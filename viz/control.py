@@ -112,10 +112,10 @@ class LiveControl:
     can_seek = False
     total_steps = 0  # not known until the run ends
 
-    def __init__(self, llm, post, *, speed: float | None = None, paused=False, ui_cpu_share=UI_CPU_SHARE):
+    def __init__(self, llm, post, *, speed: float | None = None, paused=False, ui_cpu_share=UI_CPU_SHARE, steps=None):
         self.events = llm.recorder.events  # only grows; the worker says how far it is safe to read
         self.pacer = Pacer(LIVE_SPEED if speed is None else speed, paused)
-        self.driver = EngineDriver(llm, self.pacer, post=post)
+        self.driver = EngineDriver(llm, self.pacer, post=post, steps=steps)
         self.progress = Progress(0, 0)
         self.state = RunState()
         self.ui_cpu_share = ui_cpu_share

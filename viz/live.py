@@ -118,8 +118,9 @@ class EngineDriver:
 
     MIN_HOLD_S = 1e-4  # shorter holds are not worth a span
 
-    def __init__(self, llm, pacer: Pacer, post=lambda progress: None):
+    def __init__(self, llm, pacer: Pacer, post=lambda progress: None, steps=None):
         self.llm, self.pacer, self.post = llm, pacer, post
+        self.engine_steps = steps  # the engine loop to drive: llm.run(), or a server's, which never ends
         self.steps = 0
         self.error: BaseException | None = None
         self.finished = False  # the engine ran to completion (not stopped by the viewer, no error)
@@ -137,7 +138,7 @@ class EngineDriver:
         self.started.set()
         rec = self.llm.recorder
         try:
-            gen = self.llm.run()
+            gen = self.engine_steps if self.engine_steps is not None else self.llm.run()
             while True:
                 t0 = rec.now()
                 go = self.pacer.wait()

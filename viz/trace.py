@@ -125,9 +125,11 @@ class Recorder:
     `emit` is safe from any thread: the device thread records its own spans.
     """
 
-    def __init__(self):
+    def __init__(self, keep_events: bool = True):
         self.t0 = time.perf_counter()
         self.events: list = []
+        # False: listeners see every event, none is kept (a server that runs for days keeps no history)
+        self.keep_events = keep_events
         self.listeners: list = []
         self._lock = threading.Lock()
 
@@ -135,8 +137,9 @@ class Recorder:
         return time.perf_counter() - self.t0
 
     def emit(self, event):
-        with self._lock:
-            self.events.append(event)
+        if self.keep_events:
+            with self._lock:
+                self.events.append(event)
         for fn in self.listeners:
             fn(event)
 
