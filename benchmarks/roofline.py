@@ -21,7 +21,6 @@ recomputation is real work), or from its prefix-cache hit (a "shared" Pages even
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -105,6 +104,9 @@ def model_sizes(cfg) -> dict:
     """Parameter counts of a model config (nanoserve.model_sizes of the model built on torch's "meta" device:
     shapes, no memory); a dict is read as GPT-2 keys.
 
+    >>> model_sizes(__import__("nanoserve").dummy_shapes()["qwen3-0.6b"])["params"]  # tied head: counted once
+    596049920
+
     >>> model_sizes(dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12))["params"]
     124439808
     """
@@ -113,7 +115,7 @@ def model_sizes(cfg) -> dict:
     if isinstance(cfg, dict):
         cfg = ns.GPTConfig(**{"n_head": 1, **cfg})
     with torch.device("meta"):
-        return ns.model_sizes(ns.GPT(cfg))
+        return ns.model_sizes(ns.build_model(cfg))  # GPT-2, or the Llama family's model for its config
 
 
 def step_work(events, block_size=None):
@@ -219,12 +221,12 @@ def print_roofline(r: dict, label: str = "", file=sys.stdout):
 
 
 def main(argv=None):
-    from nanoserve import GPT2_FAMILY, GPTConfig, resolve_model_dir
+    from nanoserve import dummy_shapes, read_config, resolve_model_dir
     from viz.trace import read_jsonl
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("trace", help="a step log written by nanoserve.py --trace FILE.jsonl")
-    p.add_argument("--model", default=None, help="GPT-2 family name or folder (default: the one in the log)")
+    p.add_argument("--model", default=None, help="a built-in shape or a model folder (default: the one in the log)")
     p.add_argument("--dtype-bytes", type=int, default=None, help="bytes per element (default: the log's dtype)")
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="default: measured here (a device copy)")
     p.add_argument("--peak-tflops", type=float, default=None, help="default: the GPU's datasheet dense peak")
@@ -233,10 +235,10 @@ def main(argv=None):
     events = read_jsonl(args.trace)
     info = next((e.config for e in events if isinstance(e, RunInfo)), {})
     model = args.model or info.get("model")
-    if model in GPT2_FAMILY:
-        cfg = GPT2_FAMILY[model]
+    if model in dummy_shapes():
+        cfg = dummy_shapes()[model]
     elif model is not None:
-        cfg = GPTConfig.from_hf(json.loads((resolve_model_dir(model) / "config.json").read_text()))
+        cfg = read_config(resolve_model_dir(model))  # GPT-2's or the Llama family's
     else:
         p.error("the log names no model; pass --model")
     dtype_bytes = args.dtype_bytes or {"float32": 4, "float16": 2, "bfloat16": 2}[info.get("dtype", "float32")]

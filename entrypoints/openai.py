@@ -165,8 +165,9 @@ def completion_prompts(prompt) -> list:
 
 
 class ChatTemplate:
-    """Messages -> prompt text: the model's own chat template (`chat_template` in its tokenizer_config.json,
-    rendered with Jinja as transformers does), or for a model without one the embedded model's: a play, each
+    """Messages -> prompt text: the model's own chat template (chat_template.jinja, or `chat_template` in its
+    tokenizer_config.json, rendered with Jinja as transformers does), or for a model without one the embedded
+    model's: a play, each
     message a speech under its speaker's name (a message's `name`, else ROMEO for the user, JULIET for the
     assistant, CHORUS for the system), the prompt ending with the assistant's name, and a blank line ending
     the reply."""
@@ -180,8 +181,11 @@ class ChatTemplate:
         source = cfg.get("chat_template")
         if isinstance(source, list):  # several named templates: the default one
             source = next((t["template"] for t in source if t.get("name") == "default"), source[0]["template"])
+        if folder is not None and (folder / "chat_template.jinja").exists():  # where transformers now saves it
+            source = (folder / "chat_template.jinja").read_text()
         self.own = source is not None
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals.update(raise_exception=refuse, strftime_now=lambda fmt: time.strftime(fmt))  # as transformers
         self.template = env.from_string(source or PLAY)
         token = lambda t: t.get("content") if isinstance(t, dict) else t
         self.extra = dict(bos_token=token(cfg.get("bos_token")) or "", eos_token=token(cfg.get("eos_token")) or "")
@@ -195,8 +199,19 @@ class ChatTemplate:
             if not isinstance(m.get("content"), str):
                 raise APIError(400, "a message's content must be text", param="messages")
         if self.own:
-            return self.template.render(messages=messages, add_generation_prompt=True, **self.extra)
+            from jinja2 import TemplateError
+
+            try:
+                return self.template.render(messages=messages, add_generation_prompt=True, **self.extra)
+            except TemplateError as e:
+                msg = f"the model's chat template failed on these messages: {e}"
+                raise APIError(400, msg, param="messages") from None
         return self.template.render(messages=messages, speakers=PLAY_SPEAKERS) + "JULIET:\n"
+
+
+def refuse(message: str):
+    """A chat template's `raise_exception(...)`: the messages break the template's rules; the client hears why."""
+    raise APIError(400, f"the model's chat template refused the messages: {message}", param="messages")
 
 
 # --- responses ------------------------------------------------------------------------------------------

@@ -339,3 +339,45 @@ def test_the_viewer_watches_live_http_traffic(text_model):
         engine.stopping.set()
         server.should_exit = True
     assert replies == [200] * len(PROMPTS) and len(viz.state.requests) == len(PROMPTS)
+
+
+CHATML = (  # the shape of Qwen's template: each message between <|im_start|>role and <|im_end|>
+    "{% for m in messages %}{% if m.role not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('no role ' + m.role) }}{% endif %}"
+    "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja"])
+def test_a_qwen3_folder_chats_through_its_own_template(tmp_path, where):
+    """serve --model a Qwen3 folder: chat messages are rendered by the model's own template (either place
+    transformers keeps it), and the reply is the engine's greedy completion of exactly that text."""
+    import shutil
+
+    from tests.test_llama import save_tiny
+
+    folder = save_tiny(tmp_path / "qwen3", "qwen3_sharded", vocab_size=3072, bos_token_id=0, eos_token_id=1)
+    shutil.copy(ns.DEFAULT_MODEL / "tokenizer.json", folder / "tokenizer.json")
+    if where == "chat_template.jinja":
+        (folder / where).write_text(CHATML)
+    else:
+        (folder / where).write_text(json.dumps({"chat_template": CHATML}))
+    messages = [{"role": "system", "content": "Speak plainly."}, {"role": "user", "content": "Who goes there?"}]
+    rendered = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    rendered += "<|im_start|>assistant\n"
+    llm = ns.LLM(str(folder), block_size=4)
+    (want,) = llm.generate([rendered], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    s = Server(llm, name="qwen3")
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as h:
+            ids = h.post("/tokenize", json={"messages": messages}).json()["tokens"]
+            assert ids == llm.tokenizer.encode(rendered)
+            body = {"model": "qwen3", "messages": messages, "max_tokens": 12, "temperature": 0}
+            reply = h.post("/v1/chat/completions", json=body).json()
+            assert reply["choices"][0]["message"]["content"] == want.outputs[0].text
+            assert reply["usage"]["prompt_tokens"] == len(ids)
+            r = h.post("/v1/chat/completions", json={**body, "messages": [{"role": "tool", "content": "x"}]})
+            assert r.status_code == 400 and "refused the messages: no role tool" in r.json()["error"]["message"]
+    finally:
+        s.stop()
