@@ -5,9 +5,10 @@
 
 The file is in four parts: the GPT-2 model (and PagedLM, what every model gives the engine); loading
 weights and tokenizers; the model runner (a step's inputs, the devices it runs on, sampling); and the
-engine, whose one loop every scheduler shares. The scheduling policies live in sched/, the attention
-kernels in kernels/, the Llama family in models/, the trace events and the viewer in viz/, the command
-line and the HTTP server in entrypoints/. docs/ARCHITECTURE.md is the map.
+engine, whose one loop every scheduler shares. The scheduling policies live in nanoserve_sched/, the
+attention kernels in nanoserve_kernels/, the Llama family in nanoserve_models/, the trace events and the
+viewer in nanoserve_viz/, the command line and the HTTP server in nanoserve_entrypoints/.
+docs/ARCHITECTURE.md is the map.
 """
 
 import atexit
@@ -32,24 +33,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# sched/, kernels/ and viz/ are top-level packages beside this file, run from the checkout like nanoGPT.
-# `sched` shares its name with a standard-library module: put this folder first, wherever we are imported from,
-# and if the standard library's was imported already (`import sched; import nanoserve`), set it aside: whoever
-# imported it keeps it, and from here on `import sched` is ours.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-if (_stdlib := sys.modules.get("sched")) is not None and not hasattr(_stdlib, "SCHEDULERS"):
-    del sys.modules["sched"]
-
-from kernels import cpu as cpu_attention
-from kernels import reference
-from sched import SCHEDULERS, EngineConfig, FinishReason, Request, SamplingParams, make_scheduler
-from sched.base import PLACEHOLDER
-from sched.request import Status, as_float, parse_prompt
-from viz.trace import RequestArrived, RequestFinished, RunInfo, Span, compute_metrics
+# the packages beside this file: nanoserve_sched/ (the schedulers and the KV page table), nanoserve_kernels/
+# (attention), nanoserve_viz/ (the trace and the viewer), nanoserve_models/ (the Llama family, the embedded model)
+from nanoserve_kernels import cpu as cpu_attention
+from nanoserve_kernels import reference
+from nanoserve_sched import SCHEDULERS, EngineConfig, FinishReason, Request, SamplingParams, make_scheduler
+from nanoserve_sched.base import PLACEHOLDER
+from nanoserve_sched.request import Status, as_float, parse_prompt
+from nanoserve_viz.trace import RequestArrived, RequestFinished, RunInfo, Span, compute_metrics
 
 ROOT = Path(__file__).resolve().parent
 atexit.register(gc.unfreeze)  # what LLM() froze goes back at exit, so that everything is freed in order
-DEFAULT_MODEL = ROOT / "models" / "shakespeare"
+DEFAULT_MODEL = ROOT / "nanoserve_models" / "shakespeare"
 
 # -----------------------------------------------------------------------------
 # The model: GPT-2 (learned positions, pre-LayerNorm, tanh-GELU, LM head tied to the embedding)
@@ -88,7 +83,7 @@ class GPTConfig:
             if value not in (None, ours):  # a Llama config read as GPT-2 would otherwise build a GPT-2
                 raise ValueError(
                     f"{source}: {name} {value!r} is not GPT-2's ({ours!r}); load_model reads the other "
-                    "architectures nanoserve runs (models/llama.py)"
+                    "architectures nanoserve runs (nanoserve_models/llama.py)"
                 )
         act = d.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -128,7 +123,7 @@ class GPTConfig:
         return d
 
 
-# Known GPT-2 family shapes, for `--load-format dummy` with no download (the Llama family's: models/llama.py).
+# Known GPT-2 family shapes, for `--load-format dummy` with no download (the Llama family's: nanoserve_models/llama.py).
 GPT2_FAMILY = {
     "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
@@ -140,7 +135,7 @@ GPT2_FAMILY = {
 
 @dataclass
 class AttnMetadata:
-    """What paged attention needs for one step (kernels/reference.py explains each field), and the one call
+    """What paged attention needs for one step (nanoserve_kernels/reference.py explains each field), and the one call
     every model's attention layer makes: `attend`."""
 
     slot_mapping: torch.Tensor  # (N,) cache slot of every new token
@@ -328,7 +323,7 @@ def ours_to_hf(state: dict) -> dict:
 
 # -----------------------------------------------------------------------------
 # Loading: a Hugging Face model folder, a hub id, or dummy weights; the tokenizer beside them. GPT-2 is the
-# model above; config.json's `architectures` may name one of the Llama family instead (models/llama.py).
+# model above; config.json's `architectures` may name one of the Llama family instead (nanoserve_models/llama.py).
 
 
 class Tokenizer:
@@ -437,8 +432,9 @@ def resolve_model_dir(model: str | None, weights: bool = True) -> Path:
 
 
 def dummy_shapes() -> dict:
-    """The built-in shapes for `--load-format dummy`: GPT-2's (GPT2_FAMILY) and the Llama family's (models/llama.py)."""
-    from models.llama import LLAMA_FAMILY
+    """The built-in shapes for `--load-format dummy`: GPT-2's (GPT2_FAMILY) and the Llama family's
+    (nanoserve_models/llama.py)."""
+    from nanoserve_models.llama import LLAMA_FAMILY
 
     return {**GPT2_FAMILY, **LLAMA_FAMILY}
 
@@ -484,7 +480,7 @@ def load_model(model: str | None = None, load_format: str = "auto", dtype=torch.
 def read_config(folder: Path):
     """The model's config from config.json, by its `architectures` (or `model_type`): GPT-2's GPTConfig, or a
     Llama-family config, whose stop tokens include generation_config.json's. Any other model is refused."""
-    from models import llama
+    from nanoserve_models import llama
 
     path = folder / "config.json"
     d = read_json(path)
@@ -502,7 +498,7 @@ def read_config(folder: Path):
 
 def read_stop_ids(folder: Path) -> tuple[int, ...]:
     """generation_config.json's `eos_token_id` (one id or a list; Qwen3 lists two): each of them ends a request."""
-    from models.llama import as_ids
+    from nanoserve_models.llama import as_ids
 
     path = folder / "generation_config.json"
     return as_ids(read_json(path).get("eos_token_id"), "eos_token_id", path) if path.exists() else ()
@@ -512,7 +508,7 @@ def build_model(cfg) -> PagedLM:
     """GPT-2 for a GPTConfig, the Llama family's model for its config: built on the current torch device."""
     if isinstance(cfg, GPTConfig):
         return GPT(cfg)
-    from models.llama import Llama
+    from nanoserve_models.llama import Llama
 
     return Llama(cfg)
 
@@ -582,7 +578,10 @@ def read_weights(folder: Path, model: PagedLM) -> dict:
 # The model runner: one step's inputs, the forward over the paged cache, sampling
 
 
-BACKENDS = {"reference": reference, "cpu": cpu_attention}  # and "triton": kernels.paged_attention, imported when asked
+BACKENDS = {
+    "reference": reference,
+    "cpu": cpu_attention,
+}  # and "triton": nanoserve_kernels.paged_attention, imported when asked
 
 
 def kv_bytes_per_token(cfg, dtype_bytes: int) -> int:
@@ -605,7 +604,7 @@ def choose_num_blocks(cfg, block_size, dtype_bytes, device, max_num_seqs, max_mo
 
 
 def attention_backend(name: str, device, cfg):
-    """The attention kernels (kernels/): Triton on CUDA, plain torch made fast on CPU, unless asked otherwise;
+    """The attention kernels (nanoserve_kernels/): Triton on CUDA, plain torch made fast on CPU, unless asked otherwise;
     `reference` is the simple plain-torch oracle the others are tested against."""
     triton_ok = cfg.head_dim in (8, 16, 32, 64, 128, 256)
     if name == "auto":
@@ -617,7 +616,7 @@ def attention_backend(name: str, device, cfg):
             "the Triton kernels need a CUDA GPU; on a CPU set TRITON_INTERPRET=1 (slow, for tests) or "
             "use --attention-backend reference"
         )
-    from kernels import paged_attention
+    from nanoserve_kernels import paged_attention
 
     return paged_attention
 
@@ -1232,7 +1231,7 @@ class ModelRunner:
     def allocate_cache(self, num_blocks: int):
         """The paged KV cache: per layer a key and a value pool of (num_blocks, block_size, n_kv_heads, head_dim).
 
-        Every slot that attention reads must hold a finite number, written or not (kernels/reference.py).
+        Every slot that attention reads must hold a finite number, written or not (nanoserve_kernels/reference.py).
         On a GPU the cache is zeroed once. On CPU zeroing it all at once commits all of its memory (GBs for
         GPT-2), which measured slower than memory the OS maps in at first touch: there each page is zeroed
         by the step that first writes it (`zeroed`, in prepare), and page 0, which pads block tables, now.
@@ -1544,7 +1543,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs):
-        from viz.trace import Recorder
+        from nanoserve_viz.trace import Recorder
 
         cfg = EngineConfig(model, **kwargs)  # fails before anything is loaded
         if cfg.num_blocks is not None or cfg.eos_token_ids:
@@ -2087,8 +2086,8 @@ def resolve_dtype(dtype, device):
     return choices[dtype]
 
 
-if __name__ == "__main__":  # the command line lives in entrypoints/cli.py; `python nanoserve.py ...` runs it
+if __name__ == "__main__":  # the command line lives in nanoserve_entrypoints/cli.py; `python nanoserve.py ...` runs it
     sys.modules.setdefault("nanoserve", sys.modules["__main__"])  # one module, whichever way it was started
-    from entrypoints.cli import main
+    from nanoserve_entrypoints.cli import main
 
     sys.exit(main())

@@ -5,7 +5,7 @@ the same weights and the same requests, each system in a process of its own.
     python benchmarks/bench_cpu_peers.py --models shakespeare --num-prompts 16 --output-len 8 --repeats 1  # seconds
     python benchmarks/bench_cpu_peers.py --systems nanoserve,ct2 --threads 4 --output-json peers.json
 
-The models: `shakespeare`, the embedded models/shakespeare (4 layers, 256 wide, trained); `gpt2`, a random
+The models: `shakespeare`, the embedded nanoserve_models/shakespeare (4 layers, 256 wide, trained); `gpt2`, a random
 GPT-2 124M (`GPT2LMHeadModel(GPT2Config())`, seed --seed, saved with save_pretrained into a temporary folder,
 nothing downloaded); or the path of any Hugging Face GPT-2 folder. The default workloads (--num-prompts,
 --input-len and --output-len replace them for every model named):
@@ -22,8 +22,8 @@ after throughput would set them up (the flags below change each setting):
              sorted by length into batches of 64 (--ct2-max-batch-size): fewer padded positions, and
              fewer prompt tokens left to its one-token-at-a-time constrained decoding
   hf-static  transformers' `generate` on left-padded batches of 64 (--hf-static-batch-size), in workload
-             order (bench_e2e.run_hf_static; it keeps EOS out with min_new_tokens, so it could differ from
-             the others where EOS is the greedy choice)
+             order (bench_e2e.run_hf_static; no end-of-sequence id, so EOS is chosen where it is the greedy
+             pick and does not stop the request, as in the others)
   hf-cb      transformers' continuous batching manager, paged attention, nanoserve's token budget
              (bench_e2e.run_hf_cb; no CUDA graphs or async batching on a CPU)
 
@@ -256,7 +256,7 @@ def prepare_model(name: str, tmp: Path, seed: int, with_ct2: bool, index: int) -
             raise SystemExit(f"--models gpt2: the random GPT-2 is made with transformers, {missing('hf-static')}")
         folder = random_gpt2(tmp / "gpt2", seed)
     else:
-        folder = ROOT / "models" / "shakespeare" if name == "shakespeare" else Path(name)
+        folder = ROOT / "nanoserve_models" / "shakespeare" if name == "shakespeare" else Path(name)
         if not (folder / "config.json").exists():
             raise SystemExit(f"--models {name}: not shakespeare, gpt2 or a Hugging Face model folder (no config.json)")
     config = json.loads((folder / "config.json").read_text())

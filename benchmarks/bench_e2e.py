@@ -3,7 +3,7 @@
     python benchmarks/bench_e2e.py --model gpt2 --load-format dummy --output-json e2e.json        # on a GPU
     python benchmarks/bench_e2e.py --device cpu --model distilgpt2 --num-prompts 4 --input-len 8:16 --output-len 4:8
 
-The workload is nano-vllm's benchmark (DESIGN.md, "Measuring"): 256 requests of random token ids,
+The workload is nano-vllm's benchmark: 256 requests of random token ids,
 prompt and output lengths uniform in [100, 500], seed 0, EOS ignored, greedy. Throughput is output
 tokens / wall time of the timed run (weights loaded, CUDA graphs captured and kernels compiled before).
 The systems, each run in this one process, one after the other:
@@ -26,9 +26,10 @@ per request. We use what it is made of (transformers 5.x, continuous_api.py): th
 `add_request(ids, max_new_tokens=n, eos_token_id=-1)` per request and `get_result` until all are done.
 
 Static batching has no per-request length: each batch of --static-batch-size requests (in workload order,
-as they would arrive) runs for the longest output in it, with min_new_tokens = max_new_tokens so EOS
-cannot end it early. Only the tokens each request asked for count as output; the rest is the padding
-waste static batching pays (reported as `generated_tokens`).
+as they would arrive) runs for the longest output in it, with no end-of-sequence id (eos_token_id=[]):
+EOS neither ends it early nor is kept from being chosen, as nanoserve's ignore_eos. Only the tokens
+each request asked for count as output; the rest is the padding waste static batching pays (reported
+as `generated_tokens`).
 
 Prints the hardware and versions, a table (output tokens/s, wall, agreement with nanoserve's tokens),
 the ratio of every system to every other, and the roofline of each nanoserve run (benchmarks/roofline.py).
@@ -60,9 +61,10 @@ from roofline import (  # noqa: E402
 )
 
 import nanoserve as ns  # noqa: E402
-from entrypoints.cli import parse_range, random_workload  # noqa: E402
-from sched import SamplingParams  # noqa: E402
-from viz.trace import RunInfo, compute_metrics  # noqa: E402
+from nanoserve_entrypoints.cli import parse_range, random_workload  # noqa: E402
+from nanoserve_models.llama import LlamaConfig  # noqa: E402
+from nanoserve_sched import SamplingParams  # noqa: E402
+from nanoserve_viz.trace import RunInfo, compute_metrics  # noqa: E402
 
 SYSTEMS = ("nanoserve", "nanoserve-eager", "nanoserve-sync", "hf-cb", "hf-cb-sync", "hf-static")
 
@@ -175,8 +177,10 @@ def run_nanoserve(args, sched, eager, state, work, warm) -> dict:
 # transformers: the same weights in a GPT2LMHeadModel
 
 
-def hf_model(cfg: ns.GPTConfig, state: dict, dtype, device):
-    """A transformers GPT-2 holding nanoserve's weights (state: GPT's state dict), no files involved."""
+def hf_model(cfg, state: dict, dtype, device):
+    """A transformers model holding nanoserve's weights (state: our model's state dict), no files involved."""
+    if isinstance(cfg, LlamaConfig):
+        return hf_llama(cfg, state, dtype, device)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     with torch.device("meta"):  # no memory and no random init: every tensor comes from `state`
@@ -189,6 +193,29 @@ def hf_model(cfg: ns.GPTConfig, state: dict, dtype, device):
     if model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr():
         raise RuntimeError("GPT2LMHeadModel's LM head is not tied to its token embedding; the weights would differ")
     return model
+
+
+def pad_id(model) -> int:
+    """The id the transformers runs pad with: the model's end-of-sequence id, the first where it has several."""
+    eos = model.config.eos_token_id
+    return eos[0] if isinstance(eos, list) else eos
+
+
+def hf_llama(cfg: LlamaConfig, state: dict, dtype, device):
+    """The Llama family keeps Hugging Face's parameter names, so the state dict loads as it is. The model is
+    built on the CPU, not on `meta`: its RoPE table is a buffer computed at construction."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_cfg = cfg.to_hf()
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_cfg), dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()) or unexpected:
+        raise RuntimeError(
+            f"the weights do not fit {hf_cfg['architectures'][0]}: missing {missing}, unexpected {unexpected}"
+        )
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def check_same_model(args, cfg, state, device) -> dict:
@@ -208,7 +235,7 @@ def check_same_model(args, cfg, state, device) -> dict:
                 torch.tensor([p], device=device),
                 attention_mask=torch.ones(1, len(p), dtype=torch.long, device=device),
                 max_new_tokens=n_new,
-                min_new_tokens=n_new,
+                eos_token_id=[],  # as ignore_eos: EOS does not stop it, and is not suppressed (min_new_tokens would)
                 do_sample=False,
                 pad_token_id=cfg.eos_token_id,
             )[0, len(p) :].tolist()
@@ -282,7 +309,7 @@ def run_hf_cb(model, work, device, attn, cuda_graphs, async_batching, timeout, m
     if "auto_switch_to_flash" in fields:
         kw["auto_switch_to_flash"] = False  # we chose the implementation; don't let it swap
     model.set_attn_implementation(attn)
-    eos = model.config.eos_token_id
+    eos = pad_id(model)
     gen = GenerationConfig(do_sample=False, max_new_tokens=max(max_tokens), eos_token_id=eos, pad_token_id=eos)
     session = dict(generation_config=gen, continuous_batching_config=ContinuousBatchingConfig(**kw), warmup=True)
     session.update(block=True, timeout=5)
@@ -329,7 +356,7 @@ def run_hf_static(model, work, device, batch_size) -> dict:
     from transformers import GenerationConfig
 
     model.set_attn_implementation("sdpa")
-    eos = model.config.eos_token_id
+    eos = pad_id(model)
     prompts, max_tokens = work["prompts"], work["max_tokens"]
 
     def generate(idx):
@@ -340,7 +367,7 @@ def run_hf_static(model, work, device, batch_size) -> dict:
             ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]) :] = 1
         n = max(max_tokens[i] for i in idx)
-        gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=eos, eos_token_id=eos)
+        gen = GenerationConfig(max_new_tokens=n, do_sample=False, pad_token_id=eos, eos_token_id=[])  # as ignore_eos
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen)
         out = out[:, width:].tolist()
@@ -489,7 +516,11 @@ def ratios(systems: dict) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="gpt2", help="a GPT-2 family name (with --load-format dummy) or a folder")
+    p.add_argument(
+        "--model",
+        default="gpt2",
+        help="a GPT-2 or Llama-family name (with --load-format dummy: gpt2, qwen3-0.6b, ...) or a folder",
+    )
     p.add_argument("--load-format", default="dummy", choices=["auto", "dummy"])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on a CPU")

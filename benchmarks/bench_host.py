@@ -21,9 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nanoserve as ns  # noqa: E402
-from entrypoints.cli import random_workload  # noqa: E402
-from sched import SamplingParams  # noqa: E402
-from viz.trace import Recorder  # noqa: E402
+from nanoserve_entrypoints.cli import random_workload  # noqa: E402
+from nanoserve_sched import SamplingParams  # noqa: E402
+from nanoserve_viz.trace import Recorder  # noqa: E402
 
 ROWS = {  # name -> (requests, max_num_seqs, input lengths, output lengths)
     "16": (32, 16, (100, 500), (100, 500)),

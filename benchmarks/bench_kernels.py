@@ -119,7 +119,7 @@ def bench_write(pa, bw):
 
 
 def write_row(pa, bw, n):
-    from kernels import reference
+    from nanoserve_kernels import reference
 
     H, D, bs, dtype = GPT2["n_heads"], GPT2["head_dim"], GPT2["block_size"], GPT2["dtype"]
     n_pages = n // bs
@@ -262,7 +262,7 @@ def compile_only(arch, dtypes, models, hints=True, sass=None):
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("--compile-only needs the real compiler: unset TRITON_INTERPRET")
-    from kernels import paged_attention as pa
+    from nanoserve_kernels import paged_attention as pa
 
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
@@ -314,7 +314,7 @@ def main():
         sys.exit("TRITON_INTERPRET=1 would time the CPU interpreter: unset it to benchmark the GPU")
     import triton
 
-    from kernels import paged_attention as pa
+    from nanoserve_kernels import paged_attention as pa
 
     torch.manual_seed(0)
     bw = copy_bandwidth()

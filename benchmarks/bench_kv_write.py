@@ -18,7 +18,7 @@ import torch.utils.benchmark as tb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import reference  # noqa: E402
+from nanoserve_kernels import reference  # noqa: E402
 
 # the cache's heads: with grouped-query attention a token writes its KV heads only (Llama-3-8B: 8 for 32)
 SHAPES = {"shakespeare (4 heads x 64)": (4, 64), "gpt2 (12 heads x 64)": (12, 64), "llama3-8b (8 KV x 128)": (8, 128)}

@@ -4,20 +4,20 @@ measured in one run.
     python benchmarks/bench_mixed_attention.py          # the three tables, a few minutes on 2 cores
     python benchmarks/bench_mixed_attention.py --table 2 --min-time 0.3
 
-1. padded against split: `kernels/reference.paged_attention_padded` pads every request's queries to
+1. padded against split: `nanoserve_kernels/reference.paged_attention_padded` pads every request's queries to
    the step's longest, so beside a 512-token chunk each decode is computed as if it had 512 queries;
    `reference.paged_attention` attends to the decodes and the chunks of such a step apart. Ratio > 1:
    the split is faster.
 2. old against new, per layer: the reference as every layer called it before (no plan: each layer
    re-derives the step's indices and masks and gathers every page into one padded buffer) against
-   `kernels/cpu.py` with the step's plan (the plan is built once per step: its cost over 12 layers is
+   `nanoserve_kernels/cpu.py` with the step's plan (the plan is built once per step: its cost over 12 layers is
    added to the new time). Decode-only steps of 32, 128 and 256 requests with contexts uniform in
    100..500, and steps mixing decodes with prefill chunks; each timed old, new, new, old, the faster
    of each pair kept. Ratio > 1: new is faster.
 3. the alternatives for a decode step, each timed twice, in one order and then in the reverse one
-   (the machine is shared: the ratio uses the faster of the two), so the choice in kernels/cpu.py can
+   (the machine is shared: the ratio uses the faster of the two), so the choice in nanoserve_kernels/cpu.py can
    be re-checked: the reference with a plan (hoisting alone), a gather in head-major layout, and
-   kernels/cpu.py with decode groups of several sizes.
+   nanoserve_kernels/cpu.py with decode groups of several sizes.
 
 Every variant is checked against the reference before it is timed.
 """
@@ -32,7 +32,7 @@ import torch.utils.benchmark as tb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import cpu, reference  # noqa: E402
+from nanoserve_kernels import cpu, reference  # noqa: E402
 
 N_LAYER = 12  # GPT-2: a plan serves this many layers
 # (decodes, their context, the prefill chunk's length): a chunk beside many decodes, as in a busy server
@@ -115,7 +115,10 @@ def old_vs_new(step) -> tuple[float, float, float]:
 
 
 def table_old_vs_new():
-    print(f"\n2. per layer, old (reference, no plan) against new (kernels/cpu.py + its plan / {N_LAYER} layers), ms")
+    print(
+        f"\n2. per layer, old (reference, no plan) against new (nanoserve_kernels/cpu.py + its plan"
+        f" / {N_LAYER} layers), ms"
+    )
     print(f"{'step':<38} {'old':>8} {'new':>8} {'plan/step':>9} {'old / new':>10}")
     steps = {f"{b} decodes, ctx 100..500": decode_step(b) for b in DECODES}
     steps |= {f"{n} decodes (ctx {c}) + {q} chunk": mixed_step(n, c, q) for n, c, q in MIXED}

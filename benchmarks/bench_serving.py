@@ -149,7 +149,7 @@ def cpu_seconds(pid: int) -> float:
 OFFLINE = """
 import json, sys, time
 sys.path.insert(0, {root!r})
-from entrypoints.cli import build_parser, engine_config
+from nanoserve_entrypoints.cli import build_parser, engine_config
 from dataclasses import asdict
 import nanoserve as ns
 args = build_parser().parse_args({engine_args!r})

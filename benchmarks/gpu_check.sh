@@ -3,7 +3,7 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # $OUT defaults to ./gpu_check_out
 #
-# Writes at most 8 files into $OUT:
+# Writes at most 10 files into $OUT:
 #   summary.txt        one line per part: exit code, seconds, TIMED OUT / SKIPPED
 #   env.txt            nvidia-smi, versions, which optional packages exist, pageable-vs-pinned H2D sync probe
 #   tests.txt          pytest -m cuda: the kernels compiled, the engine on CUDA (graphs, placeholders, --pp
@@ -11,6 +11,8 @@
 #   bench_kernels.txt  benchmarks/bench_kernels.py: decode vs copy bandwidth and SDPA, KV writes
 #   e2e.txt, e2e.json  benchmarks/bench_e2e.py (nanoserve async / sync / eager, transformers CB)
 #   sim.txt            the simulated device's prediction of the same run (--device sim:<this GPU>)
+#   e2e_qwen3.txt/json bench_e2e.py on Qwen3-0.6B's shapes (dummy weights): a Llama-family model against
+#                      transformers CB, 64 requests
 #   tuning.txt         decode-kernel sweep over KV splits (lowest priority)
 # Every part has its own `timeout`, the next part runs whatever the previous one did, and the whole
 # script keeps to BUDGET seconds (default 440 s; a part killed at its limit gets 10 s more: under 8 minutes).
@@ -162,6 +164,13 @@ run_part "5 simulated sim:$SIM, same workload" 40 "$OUT/sim.txt" \
     --num-prompts 256 --input-len 100:500 --output-len 100:500 --ignore-eos --compare sync,async --quiet
 
 # ------------------------------------------------------------------------------------------------
+# 5b. a Llama-family model: Qwen3-0.6B's shapes (GQA, RoPE, q/k norms), random weights, fewer requests
+# ------------------------------------------------------------------------------------------------
+run_part "5b bench_e2e.py qwen3-0.6b dummy" 100 "$OUT/e2e_qwen3.txt" \
+    "$PY" benchmarks/bench_e2e.py --model qwen3-0.6b --load-format dummy --num-prompts 64 \
+    --systems nanoserve,nanoserve-sync,hf-cb --hf-timeout 40 --output-json "$OUT/e2e_qwen3.json"
+
+# ------------------------------------------------------------------------------------------------
 # 6. if time is left: the decode kernel's KV splits against the engine's choice
 # ------------------------------------------------------------------------------------------------
 cat >"$HELP/tuning.py" <<'EOF'
@@ -169,7 +178,7 @@ import sys
 sys.path.insert(0, ".")
 import torch
 from triton.testing import do_bench
-from kernels import paged_attention as pa
+from nanoserve_kernels import paged_attention as pa
 
 dev, H, D, BS, dt = "cuda", 12, 64, 16, torch.float16
 src = torch.empty(2**30, dtype=torch.uint8, device=dev); dst = torch.empty_like(src)

@@ -15,7 +15,7 @@ The roofline of a run is the sum over its steps; measured wall / roofline says h
 from what the hardware allows (1.0 would be perfect). Decode steps of a small model move far more
 bytes than they compute, so they sit on the bandwidth side of the roof.
 
-Context lengths are rebuilt from the events alone (viz/trace.py): a StepScheduled gives each request's
+Context lengths are rebuilt from the events alone (nanoserve_viz/trace.py): a StepScheduled gives each request's
 new tokens, which start where its previous ones ended; a Preempted request starts again from 0 (its
 recomputation is real work), or from its prefix-cache hit (a "shared" Pages event) when it comes back.
 """
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from viz.trace import Pages, Preempted, RequestArrived, RunInfo, StepScheduled, compute_metrics  # noqa: E402
+from nanoserve_viz.trace import Pages, Preempted, RequestArrived, RunInfo, StepScheduled, compute_metrics  # noqa: E402
 
 
 def gpu_specs(name: str) -> dict | None:
@@ -154,7 +154,7 @@ def step_work(events, block_size=None):
 def roofline(events, model_config, dtype_bytes, bandwidth_bytes_per_s, peak_flops, wall_s=None, block_size=None):
     """Sum over the recorded steps of max(bytes / bandwidth, flops / peak), and how the run compares.
 
-    `events` is a Recorder's list (or `viz.trace.read_jsonl` of a --trace file); `wall_s` defaults to the
+    `events` is a Recorder's list (or `nanoserve_viz.trace.read_jsonl` of a --trace file); `wall_s` defaults to the
     run's wall time from the same events. Returns a dict: roofline_s, wall_s, wall_over_roofline (>= 1;
     how many times slower than the roof), roofline_frac (its inverse, the "% of roofline"), steps,
     memory_bound_steps, and the totals split by kind in bytes and flops.
@@ -222,7 +222,7 @@ def print_roofline(r: dict, label: str = "", file=sys.stdout):
 
 def main(argv=None):
     from nanoserve import dummy_shapes, read_config, resolve_model_dir
-    from viz.trace import read_jsonl
+    from nanoserve_viz.trace import read_jsonl
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("trace", help="a step log written by nanoserve.py --trace FILE.jsonl")

@@ -21,7 +21,7 @@ def record_run(model: str, sched: str, load_format: str):
     import torch
 
     import nanoserve as ns
-    from sched import SamplingParams
+    from nanoserve_sched import SamplingParams
 
     torch.set_num_threads(1)
     kw = dict(sched=sched, load_format=load_format, block_size=8, num_gpu_blocks_override=48)
@@ -54,7 +54,7 @@ def svg_to_png(svg: str, out: Path, width: int = 1600) -> bool:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "shakespeare"))
+    p.add_argument("--model", default=str(ROOT / "nanoserve_models" / "shakespeare"))
     p.add_argument("--load-format", default="auto")
     p.add_argument("--sched", default="sync")
     p.add_argument("--size", default="120x36")
@@ -62,8 +62,8 @@ def main():
     p.add_argument("--out", default=str(ROOT / "docs" / "viz"), help="path without extension")
     args = p.parse_args()
 
-    from viz.__main__ import parse_size, render_svg
-    from viz.app import VizApp
+    from nanoserve_viz.__main__ import parse_size, render_svg
+    from nanoserve_viz.app import VizApp
 
     events = record_run(args.model, args.sched, args.load_format)
     steps = sum(type(e).__name__ == "StepScheduled" for e in events)

@@ -28,8 +28,8 @@
 #   engine produces the same tokens;
 # - check that nanoserve's GPT computes what Hugging Face `transformers` computes for the same weights.
 #
-# The model is the one that ships in `models/shakespeare`: a 4-million-parameter GPT-2 trained on
-# Tiny Shakespeare (its card is `models/shakespeare/MODEL_CARD.md`). Everything runs on a CPU.
+# The model is the one that ships in `nanoserve_models/shakespeare`: a 4-million-parameter GPT-2 trained on
+# Tiny Shakespeare (its card is `nanoserve_models/shakespeare/MODEL_CARD.md`). Everything runs on a CPU.
 
 # %%
 import matplotlib.pyplot as plt
@@ -37,7 +37,7 @@ import torch
 from helpers import show  # lessons/helpers.py: puts the checkout on sys.path, shows figures
 
 import nanoserve as ns
-from sched import SamplingParams
+from nanoserve_sched import SamplingParams
 
 torch.set_num_threads(1)  # a small model: one thread is fast enough, and keeps timings steady
 

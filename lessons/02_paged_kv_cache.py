@@ -23,8 +23,8 @@
 # You will:
 #
 # - see why reserving room for a whole sequence per request wastes most of the memory;
-# - drive `sched/blocks.py`'s `BlockManager`, which hands out the cache a page at a time;
-# - write keys and values into the paged cache and run attention over it with `kernels/reference.py`,
+# - drive `nanoserve_sched/blocks.py`'s `BlockManager`, which hands out the cache a page at a time;
+# - write keys and values into the paged cache and run attention over it with `nanoserve_kernels/reference.py`,
 #   checking it against ordinary attention on contiguous tensors, with one plan per step and with query
 #   heads that share key/value heads (grouped-query attention);
 # - look inside the real engine's cache after a prefill step.
@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from helpers import plot_pages, show
 
 import nanoserve as ns
-from kernels import reference
-from sched import Request, SamplingParams
-from sched.blocks import BlockManager
+from nanoserve_kernels import reference
+from nanoserve_sched import Request, SamplingParams
+from nanoserve_sched.blocks import BlockManager
 
 torch.set_num_threads(1)
 
@@ -152,7 +152,7 @@ print("D's slots:", slots)
 # `reference.write_kv` scatters new keys and values into their slots; `reference.paged_attention`
 # computes attention for a whole step at once: the new tokens of every request are packed into one
 # flat batch, `cu_seqlens_q` says which rows belong to which request, `context_lens` how many tokens
-# each request has in the cache, and `block_tables` where they are. (`kernels/reference.py`'s
+# each request has in the cache, and `block_tables` where they are. (`nanoserve_kernels/reference.py`'s
 # docstring explains each argument.)
 #
 # We write A's 13 tokens and D's 22 tokens with random keys and values, then run attention for all 35

@@ -23,7 +23,7 @@
 #
 # - compare static batching (a batch runs until its longest request ends) with **continuous
 #   batching**, where the batch is re-formed at every step;
-# - see the token budget of `sched/base.py` cut a long prompt into **chunks** that share steps with
+# - see the token budget of `nanoserve_sched/base.py` cut a long prompt into **chunks** that share steps with
 #   other requests' decodes;
 # - check that neither changes a single generated token.
 
@@ -36,8 +36,8 @@ from helpers import plot_timeline, show
 from matplotlib.ticker import MaxNLocator
 
 import nanoserve as ns
-from sched import SamplingParams
-from viz.trace import StepScheduled
+from nanoserve_sched import SamplingParams
+from nanoserve_viz.trace import StepScheduled
 
 torch.set_num_threads(1)
 
@@ -100,7 +100,7 @@ show(fig, "03_continuous")
 # requests are decoding, a step that prefills it all is long, and every decoding request waits for
 # it before getting its next token.
 #
-# `sched/base.py` follows vLLM v1's rule: *schedule tokens, not phases*. Each request wants its
+# `nanoserve_sched/base.py` follows vLLM v1's rule: *schedule tokens, not phases*. Each request wants its
 # `num_computed_tokens` to reach `num_tokens`; each step hands out one budget of
 # `max_num_batched_tokens`, running requests first (a decode needs one token), then waiting ones.
 # A prompt that does not fit in what is left is cut into **chunks**, one per step, and the decodes

@@ -35,15 +35,15 @@ import torch
 from helpers import plot_timeline, show
 
 import nanoserve as ns
-from sched import Request, SamplingParams
-from viz.trace import Preempted, RequestArrived
+from nanoserve_sched import Request, SamplingParams
+from nanoserve_viz.trace import Preempted, RequestArrived
 
 torch.set_num_threads(1)
 
 # %% [markdown]
 # ## The loop
 #
-# Every scheduler shares one loop (DESIGN.md). With the sync scheduler, one batch is in flight at a
+# Every scheduler shares one loop (docs/ARCHITECTURE.md). With the sync scheduler, one batch is in flight at a
 # time, so it reduces to:
 #
 # ```python
@@ -54,7 +54,7 @@ torch.set_num_threads(1)
 #     scheduler.update(batch, sampled)      # append tokens, stop finished requests, free their pages
 # ```
 #
-# `schedule` and `update` are pure Python (`sched/base.py`); `submit` turns the batch into tensors
+# `schedule` and `update` are pure Python (`nanoserve_sched/base.py`); `submit` turns the batch into tensors
 # and runs the model on a device thread (`ModelRunner` in `nanoserve.py`).
 #
 # We build an engine with a deliberately small KV cache — 14 pages of 4 tokens — and a budget of 16

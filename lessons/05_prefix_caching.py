@@ -34,10 +34,10 @@ import torch
 from helpers import plot_pages, show
 
 import nanoserve as ns
-from sched import SamplingParams
-from sched.blocks import BlockManager
-from viz.replay import Replay
-from viz.trace import StepScheduled
+from nanoserve_sched import SamplingParams
+from nanoserve_sched.blocks import BlockManager
+from nanoserve_viz.replay import Replay
+from nanoserve_viz.trace import StepScheduled
 
 torch.set_num_threads(1)
 

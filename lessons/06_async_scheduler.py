@@ -21,7 +21,7 @@
 # On a GPU a decode step of a small model takes a few milliseconds, and the CPU's share of each step
 # can leave the expensive device idle for a good part of the time.
 #
-# The async scheduler (`sched/nanoflow.py`, after NanoFlow and vLLM's async scheduling) plans step
+# The async scheduler (`nanoserve_sched/nanoflow.py`, after NanoFlow and vLLM's async scheduling) plans step
 # *i + 1* while the device runs step *i*. You will:
 #
 # - read the whole difference between the two schedulers — two lines;
@@ -37,11 +37,11 @@ import torch
 from helpers import plot_lanes, show
 
 import nanoserve as ns
-from entrypoints.cli import random_workload
-from sched import SamplingParams
-from sched.nanoflow import AsyncScheduler
-from sched.sync import SyncScheduler
-from viz.trace import Discarded, Span, busy_time
+from nanoserve_entrypoints.cli import random_workload
+from nanoserve_sched import SamplingParams
+from nanoserve_sched.nanoflow import AsyncScheduler
+from nanoserve_sched.sync import SyncScheduler
+from nanoserve_viz.trace import Discarded, Span, busy_time
 
 torch.set_num_threads(1)
 

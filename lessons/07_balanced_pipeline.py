@@ -23,7 +23,7 @@
 #
 # A stage's time for a microbatch grows with the microbatch's tokens. If one microbatch is fat and
 # the next ones are thin, the thin ones wait behind the fat one at every stage, and the stages that
-# finish them early wait too. The balanced scheduler (`sched/balanced.py`, after vLLM #19873) cuts
+# finish them early wait too. The balanced scheduler (`nanoserve_sched/balanced.py`, after vLLM #19873) cuts
 # microbatches of equal size. You will:
 #
 # - drive the sync and balanced schedulers with `pp=4` and compare the microbatches they form;
@@ -39,7 +39,7 @@ import torch
 from helpers import plot_lanes, show
 
 import nanoserve as ns
-from sched import EngineConfig, Request, SamplingParams, make_scheduler
+from nanoserve_sched import EngineConfig, Request, SamplingParams, make_scheduler
 
 torch.set_num_threads(1)
 
@@ -66,7 +66,7 @@ def scheduler_with_burst(name):
 # %% [markdown]
 # ## A simulated pipeline
 #
-# To see the schedulers' effect without noise, we run the engine loop of DESIGN.md with a pretend
+# To see the schedulers' effect without noise, we run the engine loop (docs/ARCHITECTURE.md) with a pretend
 # device: a microbatch of *n* tokens takes `1 + 0.02·n` ms on each stage (a fixed cost for reading
 # the stage's weights, plus a cost per token), stages run microbatches in order, and a stage starts
 # a microbatch when both the microbatch (from the stage before) and the stage are free. The

@@ -22,7 +22,7 @@
 #
 # If every chunk but the last is a whole number of pages, every chunk starts on a page boundary,
 # and its keys and values are whole pages: long contiguous copies, with no per-token lookup. That is
-# the page-aligned scheduler (`sched/page_aligned.py`, after vLLM #19878). You will:
+# the page-aligned scheduler (`nanoserve_sched/page_aligned.py`, after vLLM #19878). You will:
 #
 # - read its two hooks;
 # - run the same workload under sync and page-aligned, and see where the chunks end;
@@ -38,10 +38,10 @@ import torch
 from helpers import show
 
 import nanoserve as ns
-from kernels import reference
-from sched import SamplingParams
-from sched.page_aligned import PageAlignedScheduler
-from viz.trace import StepScheduled
+from nanoserve_kernels import reference
+from nanoserve_sched import SamplingParams
+from nanoserve_sched.page_aligned import PageAlignedScheduler
+from nanoserve_viz.trace import StepScheduled
 
 torch.set_num_threads(1)
 
@@ -179,4 +179,4 @@ assert all(torch.equal(a, b) for a, b in zip(by_slot, by_page))
 print("all checks passed")
 
 # %% [markdown]
-# **Next**: lesson 9 opens `kernels/` — the Triton kernels that run this attention on a GPU.
+# **Next**: lesson 9 opens `nanoserve_kernels/` — the Triton kernels that run this attention on a GPU.

@@ -16,11 +16,11 @@
 # %% [markdown]
 # # Lesson 9 — The Triton paged-attention kernels
 #
-# On a CPU, nanoserve's attention is plain torch. `kernels/reference.py` gathers every request's pages
+# On a CPU, nanoserve's attention is plain torch. `nanoserve_kernels/reference.py` gathers every request's pages
 # into one padded tensor, then calls PyTorch's attention: short and obviously right, which makes it
 # the oracle — but it copies every key and value of the batch at every layer of every step.
-# (`kernels/cpu.py` does the same attention in cache-sized groups of requests, about 3x faster on a
-# decode step.) On a GPU, `kernels/paged_attention.py` reads the pages where they are, with kernels
+# (`nanoserve_kernels/cpu.py` does the same attention in cache-sized groups of requests, about 3x faster on a
+# decode step.) On a GPU, `nanoserve_kernels/paged_attention.py` reads the pages where they are, with kernels
 # written in Triton.
 #
 # This lesson follows the kernels in the order the file presents them (the order of llm.c's
@@ -37,7 +37,7 @@
 # **No GPU needed.** Without one, Triton's *interpreter* runs the kernels on the CPU with NumPy, one
 # program after another: slow, so the shapes here are tiny, but every line of the kernels runs.
 # The interpreter is switched on by an environment variable that must be set *before* Triton compiles
-# the kernels, i.e. before `kernels.paged_attention` is imported. Cells marked **GPU only** run
+# the kernels, i.e. before `nanoserve_kernels.paged_attention` is imported. Cells marked **GPU only** run
 # when a CUDA GPU is present and are skipped otherwise.
 
 # %%
@@ -56,8 +56,8 @@ import math
 import matplotlib.pyplot as plt
 
 import nanoserve as ns
-from kernels import paged_attention, reference
-from sched import SamplingParams
+from nanoserve_kernels import paged_attention, reference
+from nanoserve_sched import SamplingParams
 
 torch.set_num_threads(1)
 print("device:", DEVICE, "| Triton interpreter:", os.environ.get("TRITON_INTERPRET") == "1")
@@ -269,7 +269,7 @@ for y, d in enumerate(diffs):
 ax.axvline(1e-5, color="black", ls="--", lw=1, label="tolerance (fp32)")
 ax.set_xscale("log")
 ax.set_xlim(1e-10, 1e-3)
-ax.set_xlabel("largest difference from kernels/reference.py")
+ax.set_xlabel("largest difference from nanoserve_kernels/reference.py")
 ax.legend(fontsize="small")
 show(fig, "09_errors")
 

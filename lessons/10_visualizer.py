@@ -16,7 +16,7 @@
 # %% [markdown]
 # # Lesson 10 — Reading the visualizer and the Perfetto trace
 #
-# Every part of the engine reports what it does as small, typed **trace events** (`viz/trace.py`):
+# Every part of the engine reports what it does as small, typed **trace events** (`nanoserve_viz/trace.py`):
 # a request arrived, a step was scheduled with these tokens, pages changed hands, a span of CPU or
 # device work, a preemption, a finished request. A `Recorder` collects them. Everything you have
 # seen measured — metrics, the summary the CLI prints, the terminal visualizer, the Perfetto trace —
@@ -25,7 +25,7 @@
 # You will:
 #
 # - record a run and look at its events;
-# - save it as a JSONL step log and replay it step by step with `viz.replay`;
+# - save it as a JSONL step log and replay it step by step with `nanoserve_viz.replay`;
 # - see why a viewer that pauses the engine does not change the numbers;
 # - render the terminal visualizer's screen from the replay, and learn to read its panels;
 # - export the run for Perfetto and check the structure of the trace.
@@ -46,10 +46,10 @@ import torch
 from helpers import ROOT, plot_pages, plot_timeline, show, show_svg
 
 import nanoserve as ns
-from sched import SamplingParams
-from viz.perfetto import to_perfetto, write_perfetto
-from viz.replay import Replay
-from viz.trace import VIEWER_LANE, RequestFinished, Span, compute_metrics, read_jsonl
+from nanoserve_sched import SamplingParams
+from nanoserve_viz.perfetto import to_perfetto, write_perfetto
+from nanoserve_viz.replay import Replay
+from nanoserve_viz.trace import VIEWER_LANE, RequestFinished, Span, compute_metrics, read_jsonl
 
 torch.set_num_threads(1)
 
@@ -185,14 +185,25 @@ print(f"{'TPOT ms':>14}: {metrics['tpot_ms']['mean']:.3f} unheld, {held_metrics[
 # %% [markdown]
 # ## The terminal visualizer
 #
-# `python nanoserve.py --viz` shows a run live; `python -m viz run.jsonl` replays a log with seeking.
+# `python nanoserve.py --viz` shows a run live; `python -m nanoserve_viz run.jsonl` replays a log with seeking.
 # Both draw a `RunState`. The replay command can also render one frame to an SVG image without a
 # terminal: the app runs headless and Textual exports its screen. We render frame `AT` of our log:
 
 # %%
 shot = folder / "screen.svg"
-command = [sys.executable, "-m", "viz", str(log), "--screenshot", str(shot), "--size", "120x36", "--at", str(AT)]
-subprocess.run(command, cwd=ROOT, check=True)  # from the checkout, where `viz` is a package
+command = [
+    sys.executable,
+    "-m",
+    "nanoserve_viz",
+    str(log),
+    "--screenshot",
+    str(shot),
+    "--size",
+    "120x36",
+    "--at",
+    str(AT),
+]
+subprocess.run(command, cwd=ROOT, check=True)  # from the checkout, where `nanoserve_viz` is a package
 svg = shot.read_text()
 show_svg(svg, "10_visualizer")
 
@@ -216,7 +227,7 @@ show_svg(svg, "10_visualizer")
 # ## Perfetto
 #
 # For a zoomable timeline of every span, `to_perfetto` converts the events to the Chrome/Perfetto
-# `traceEvents` format (the CLI: `--trace run.json`, or `python -m viz run.jsonl --perfetto run.json`).
+# `traceEvents` format (the CLI: `--trace run.json`, or `python -m nanoserve_viz run.jsonl --perfetto run.json`).
 # Open the file at https://ui.perfetto.dev. Inside:
 #
 # - `M` metadata names the tracks: the CPU engine thread, the device (one per pipeline stage);

@@ -16,9 +16,9 @@
 # %% [markdown]
 # # Lesson 11 — Training the tiny model
 #
-# The model every lesson used, `models/shakespeare`, was trained by this repository's
-# `models/train.py`: a byte-level BPE tokenizer and a 4-million-parameter GPT-2, on Tiny
-# Shakespeare, in about 30 minutes on a 2-core CPU (`models/shakespeare/MODEL_CARD.md`). The model it
+# The model every lesson used, `nanoserve_models/shakespeare`, was trained by this repository's
+# `nanoserve_models/train.py`: a byte-level BPE tokenizer and a 4-million-parameter GPT-2, on Tiny
+# Shakespeare, in about 30 minutes on a 2-core CPU (`nanoserve_models/shakespeare/MODEL_CARD.md`). The model it
 # trains is nanoserve's own `GPT` class, and it saves a plain Hugging Face folder, so what comes out
 # is exactly what the engine serves.
 #
@@ -41,8 +41,8 @@ import torch
 from helpers import show
 
 import nanoserve as ns
-from models import train
-from sched import SamplingParams
+from nanoserve_models import train
+from nanoserve_sched import SamplingParams
 
 torch.set_num_threads(1)
 
@@ -83,7 +83,7 @@ print([tokenizer.decode([i]) for i in pieces.ids])
 # %% [markdown]
 # ## Training
 #
-# `train.main` takes the same arguments as the command line (`python models/train.py --help`):
+# `train.main` takes the same arguments as the command line (`python nanoserve_models/train.py --help`):
 # it trains the tokenizer, builds the `GPT`, and runs AdamW on random windows of the training
 # tokens, the learning rate warming up linearly and then decaying along a cosine (`train.lr_at`).
 # Every `--eval-every` steps it measures the loss on a fixed slice of the training text and on the
@@ -129,7 +129,7 @@ show(fig, "11_loss")
 #
 # ## Serving what we trained
 #
-# The output folder is a Hugging Face GPT-2 checkpoint like `models/shakespeare`, so the engine
+# The output folder is a Hugging Face GPT-2 checkpoint like `nanoserve_models/shakespeare`, so the engine
 # loads it by path, with everything of the previous lessons: paged cache, batching, schedulers.
 
 # %%

@@ -18,7 +18,7 @@
 #
 # GPT-2 (2019) is the model the engine was written around. The models people serve today — Llama,
 # Mistral, Qwen — are the same transformer with four changes, and nanoserve runs them in
-# `models/llama.py` through the very serving step GPT-2 uses (`PagedLM` in `nanoserve.py`). Two of the
+# `nanoserve_models/llama.py` through the very serving step GPT-2 uses (`PagedLM` in `nanoserve.py`). Two of the
 # changes matter to a serving engine, and this lesson is about them:
 #
 # - **grouped-query attention** shrinks what every token leaves in the KV cache, and the KV cache is
@@ -51,9 +51,9 @@ import torch
 from helpers import show  # lessons/helpers.py: puts the checkout on sys.path, shows figures
 
 import nanoserve as ns
-from kernels import reference
-from models.llama import LLAMA_FAMILY, Llama, LlamaConfig, rope_frequencies, rotate
-from sched import SamplingParams
+from nanoserve_kernels import reference
+from nanoserve_models.llama import LLAMA_FAMILY, Llama, LlamaConfig, rope_frequencies, rotate
+from nanoserve_sched import SamplingParams
 
 torch.set_num_threads(1)
 
@@ -69,7 +69,7 @@ torch.set_num_threads(1)
 #
 # which is `ns.kv_bytes_per_token`. GPT-2 has as many KV heads as query heads. Qwen3-0.6B has 16 query
 # heads but only 8 KV heads. The shapes come from the built-in tables that `--load-format dummy` uses
-# (`ns.GPT2_FAMILY` and `LLAMA_FAMILY` in `models/llama.py`), and the parameter counts from the models
+# (`ns.GPT2_FAMILY` and `LLAMA_FAMILY` in `nanoserve_models/llama.py`), and the parameter counts from the models
 # themselves, built on the `meta` device. We count in bfloat16, 2 bytes a number, as a GPU serves them.
 
 # %%
@@ -166,7 +166,7 @@ print("GQA over 2 KV heads vs MHA over the copied heads, largest difference:", (
 # %% [markdown]
 # ## A tiny Qwen3 through the engine
 #
-# `models/llama.py` reads a Hugging Face `config.json` (`LlamaConfig.from_hf`) and names its parameters as
+# `nanoserve_models/llama.py` reads a Hugging Face `config.json` (`LlamaConfig.from_hf`) and names its parameters as
 # Hugging Face does, so a folder of `config.json` and `model.safetensors` is a checkpoint both nanoserve
 # and `transformers` load. We write one with random weights, in Qwen3's architecture at a toy size: 4
 # query heads on 2 KV heads, `head_dim` 32 (so `n_head x head_dim` is 128, not the model width 64, as in
@@ -272,7 +272,7 @@ show(fig, "12_rope")
 # nearby tokens: its `rope_scaling` of type `llama3` leaves the fast pairs alone (wavelength below
 # 8192 / 4 tokens), slows by `factor` = 32 the pairs whose wavelength is longer than 8,192 (they had never
 # seen a whole turn), and blends in between. Here are the wavelengths of Llama-3.2-1B's 32 pairs, with and
-# without it (`rope_frequencies` in `models/llama.py` is the whole rule):
+# without it (`rope_frequencies` in `nanoserve_models/llama.py` is the whole rule):
 
 # %%
 llama = LLAMA_FAMILY["llama-3.2-1b"]
@@ -311,6 +311,6 @@ assert torch.allclose(w["llama3"][-8:], 32 * w["rope_theta only"][-8:]), "slow p
 print("all checks passed")
 
 # %% [markdown]
-# **Where to go from here**: `models/llama.py` is the whole family in about 400 lines — read it beside
+# **Where to go from here**: `nanoserve_models/llama.py` is the whole family in about 400 lines — read it beside
 # GPT-2 in `nanoserve.py`. With the `hub` extra, `python nanoserve.py --model Qwen/Qwen3-0.6B` serves the
 # real model; `--load-format dummy --model qwen3-0.6b` runs its shape with random weights, no download.

@@ -3,7 +3,7 @@ saved as PNG files when a lesson runs as a plain script, and three drawings of a
 
     from helpers import ROOT, show
 
-The drawings read the engine's own trace events through `viz.state.RunState`, the model the
+The drawings read the engine's own trace events through `nanoserve_viz.state.RunState`, the model the
 terminal visualizer draws from, so a plot here and the visualizer always agree.
 """
 
@@ -27,8 +27,8 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from viz.colors import request_color
-from viz.state import Cell, RunState
+from nanoserve_viz.colors import request_color
+from nanoserve_viz.state import Cell, RunState
 
 FIGURES = Path(tempfile.gettempdir()) / "nanoserve-lessons"  # where a plain script's figures go
 
@@ -100,7 +100,7 @@ def plot_lanes(ax, events, t0=None, t1=None, title="CPU and device lanes"):
     """CPU spans (schedule, prepare, update) and device spans (forward, sample) on a time axis, in ms.
 
     The white gaps in a device lane are the time the device sat idle."""
-    from viz.trace import Span
+    from nanoserve_viz.trace import Span
 
     spans = [e for e in events if isinstance(e, Span) and e.lane != "viewer"]
     lanes = sorted({s.lane for s in spans}, key=lambda n: (n != "cpu", n))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nanoserve as ns
-from sched import SamplingParams
+from nanoserve_sched import SamplingParams
 from tests.conftest import save_tiny_gpt2
 from tests.test_greedy import workload
 

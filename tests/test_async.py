@@ -5,9 +5,9 @@ import json
 import pytest
 
 import nanoserve as ns
-from sched import SamplingParams
+from nanoserve_sched import SamplingParams
+from nanoserve_viz.trace import Discarded
 from tests.test_greedy import workload
-from viz.trace import Discarded
 
 
 def outputs(model_dir, sched, params, prompts=None, **kw):

@@ -5,7 +5,7 @@ import hypothesis.strategies as st
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from sched.blocks import BlockManager
+from nanoserve_sched.blocks import BlockManager
 
 
 class BlockManagerMachine(RuleBasedStateMachine):

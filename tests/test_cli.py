@@ -7,8 +7,8 @@ import sys
 import pytest
 
 import nanoserve as ns
-from entrypoints.cli import main
-from viz.trace import compute_metrics, read_jsonl
+from nanoserve_entrypoints.cli import main
+from nanoserve_viz.trace import compute_metrics, read_jsonl
 
 METRICS = {
     "num_requests",
@@ -21,31 +21,6 @@ METRICS = {
     "steps",
     "preemptions",
 }
-
-
-def test_import_from_another_directory_finds_our_sched_not_the_stdlib_one(tmp_path):
-    """As after `pip install -e .`: the module is found, its folder is not on sys.path, and the standard
-    library's `sched` comes first there."""
-    code = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('nanoserve', {str(ns.ROOT / 'nanoserve.py')!r})\n"
-        "m = sys.modules['nanoserve'] = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(m)\n"
-        "import sched\n"
-        "print(sorted(m.SCHEDULERS), sched.__file__)\n"
-    )
-    r = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "['async', 'balanced', 'page-aligned', 'sync']" in r.stdout
-    assert str(ns.ROOT / "sched") in r.stdout
-
-
-def test_importing_nanoserve_after_the_stdlib_sched_works(tmp_path):
-    """`import sched; import nanoserve` (the standard library's sched got there first)."""
-    code = "import sched; s = sched; import nanoserve as ns; import sched; print(sched.SCHEDULERS.keys(), s.scheduler)"
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "sync" in r.stdout and "class 'sched.scheduler'" in r.stdout
 
 
 def test_cli_from_another_directory_writes_the_json_contract(tiny_gpt2, tmp_path):
@@ -149,15 +124,15 @@ def test_truncated_trace_names_the_line(tmp_path):
 
 def test_viz_flag_runs_the_live_viewer_and_trace_json_writes_perfetto(tiny_gpt2, tmp_path, monkeypatch, capsys):
     pytest.importorskip("textual", reason="the viewer needs Textual: pip install -e '.[dev]'")
-    import viz.app
+    import nanoserve_viz.app
 
-    seen, run_live = {}, viz.app.run_live
+    seen, run_live = {}, nanoserve_viz.app.run_live
 
     def headless(llm, **kw):  # the real viewer, without a terminal, closing when the run ends
         seen["llm"] = llm
         return run_live(llm, exit_when_done=True, headless=True, **kw)
 
-    monkeypatch.setattr(viz.app, "run_live", headless)
+    monkeypatch.setattr(nanoserve_viz.app, "run_live", headless)
     out = tmp_path / "run.json"
     argv = ["--model", str(tiny_gpt2), "--workload", "random", "--num-prompts", "6", "--output-len", "2:5"]
     assert main([*argv, "--ignore-eos", "--viz", "--trace", str(out), "--quiet"]) == 0

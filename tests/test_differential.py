@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nanoserve as ns
-from sched import SCHEDULERS, SamplingParams
+from nanoserve_sched import SCHEDULERS, SamplingParams
 
 CONFIGS = [
     (sched, pp) for sched in SCHEDULERS for pp in (1, 2, 3) if pp == 1 or not SCHEDULERS[sched].allow_placeholders

@@ -5,11 +5,11 @@ import doctest
 import pytest
 
 import nanoserve as ns
-import sched
-import sched.blocks
-import sched.request
+import nanoserve_sched
+import nanoserve_sched.blocks
+import nanoserve_sched.request
 
-CHEAP = [sched, sched.blocks, sched.request, ns.EngineConfig, ns.Tokenizer, ns.GPT]
+CHEAP = [nanoserve_sched, nanoserve_sched.blocks, nanoserve_sched.request, ns.EngineConfig, ns.Tokenizer, ns.GPT]
 
 
 @pytest.mark.parametrize("obj", CHEAP, ids=lambda o: getattr(o, "__name__", str(o)))

@@ -1,4 +1,5 @@
-"""The shipped default model (models/shakespeare): it is as good as its card says, and transformers agrees with us."""
+"""The shipped default model (nanoserve_models/shakespeare): it is as good as its card says, and transformers
+agrees with us."""
 
 import hashlib
 import json
@@ -12,8 +13,10 @@ from tokenizers import Tokenizer
 
 from nanoserve import GPT, GPTConfig, hf_to_ours
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "shakespeare"
-CORPUS = Path(__file__).resolve().parents[1] / "models" / "tinyshakespeare.txt"  # shipped: the card is re-measured
+MODEL = Path(__file__).resolve().parents[1] / "nanoserve_models" / "shakespeare"
+CORPUS = (
+    Path(__file__).resolve().parents[1] / "nanoserve_models" / "tinyshakespeare.txt"
+)  # shipped: the card is re-measured
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,8 @@ def ours():
 
 @pytest.fixture(scope="module")
 def split(tok, card):
-    """The training and held-out token ids, split as models/train.py splits them (last 10% of the characters)."""
+    """The training and held-out token ids, split as nanoserve_models/train.py splits them (the last 10% of the
+    characters)."""
     assert hashlib.sha256(CORPUS.read_bytes()).hexdigest() == card["corpus_sha256"], "not the corpus of the card"
     text = CORPUS.read_text(encoding="utf-8")
     cut = int(len(text) * 0.9)

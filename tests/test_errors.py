@@ -3,7 +3,7 @@
 Each bad input gets a clear error naming the problem and the fix, and nothing else is lost: a bad request
 fails alone while the others finish, a bad flag stops the run before anything is loaded (exit code 2), no
 traceback reaches the user, and no page leaks. The three entry points share one set of rules
-(sched/request.py and nanoserve.EngineConfig), so the same value gets the same message everywhere.
+(nanoserve_sched/request.py and nanoserve.EngineConfig), so the same value gets the same message everywhere.
 """
 
 import json
@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import nanoserve as ns
-from entrypoints import cli
-from sched import SamplingParams
+from nanoserve_entrypoints import cli
+from nanoserve_sched import SamplingParams
 
 ROOT = ns.ROOT
 GOOD = SamplingParams(temperature=0, max_tokens=5)

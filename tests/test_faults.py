@@ -11,9 +11,9 @@ import time
 import pytest
 
 import nanoserve as ns
-from sched import SCHEDULERS, SamplingParams
+from nanoserve_sched import SCHEDULERS, SamplingParams
+from nanoserve_viz.trace import RequestFinished
 from tests.test_greedy import workload
-from viz.trace import RequestFinished
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 CONFIGS = [(s, 1) for s in SCHEDULERS] + [(s, 2) for s in SCHEDULERS if not SCHEDULERS[s].allow_placeholders]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import nanoserve as ns
-from kernels import reference
-from sched import SCHEDULERS, SamplingParams
-from viz.trace import Pages, Preempted, Span, StepScheduled
+from nanoserve_kernels import reference
+from nanoserve_sched import SCHEDULERS, SamplingParams
+from nanoserve_viz.trace import Pages, Preempted, Span, StepScheduled
 
 
 def workload(seed=0, vocab=383):
@@ -54,12 +54,17 @@ CASES = {
 @pytest.mark.parametrize("sched", list(SCHEDULERS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_matches_transformers(tiny_gpt2, hf_greedy, sched, case):
+    check_greedy(tiny_gpt2, sched, case, expected(hf_greedy))
+
+
+def check_greedy(model, sched: str, case: str, want: list[list[int]]):
+    """Run CASES[case] under `sched` and compare with transformers' tokens `want`; check that the case's
+    mechanism (pipeline stages, preemption, chunks, prefix hits) really happened. tests/test_llama.py too."""
     if CASES[case].get("pp", 1) > 1 and SCHEDULERS[sched].allow_placeholders:  # refused, saying what to use
         with pytest.raises(ValueError, match="use --sched sync or balanced with --pp"):
-            run(tiny_gpt2, sched, **CASES[case])
+            run(model, sched, **CASES[case])
         return
-    llm, got = run(tiny_gpt2, sched, **CASES[case])
-    want = expected(hf_greedy)
+    llm, got = run(model, sched, **CASES[case])
     for i, (g, w) in enumerate(zip(got, want)):
         assert g == w, f"request {i}: {g} != transformers {w}"
     events = llm.recorder.events

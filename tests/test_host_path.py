@@ -10,10 +10,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nanoserve as ns
-from entrypoints.cli import random_workload
-from sched import SCHEDULERS, SamplingParams
+from nanoserve_entrypoints.cli import random_workload
+from nanoserve_sched import SCHEDULERS, SamplingParams
+from nanoserve_viz.trace import Span
 from tests.test_greedy import workload
-from viz.trace import Span
 
 GPT2 = dict(load_format="dummy", device="sim:h200")
 

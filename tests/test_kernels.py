@@ -1,5 +1,5 @@
-"""The Triton kernels (kernels/paged_attention.py) and the fast CPU path (kernels/cpu.py) against the
-torch oracle (kernels/reference.py).
+"""The Triton kernels (nanoserve_kernels/paged_attention.py) and the fast CPU path (nanoserve_kernels/cpu.py)
+against the torch oracle (nanoserve_kernels/reference.py).
 
 Without a GPU every kernel runs in Triton's interpreter on the CPU (TRITON_INTERPRET=1: numpy, one
 program after another), so the shapes are tiny. With a GPU the same tests run compiled, plus the
@@ -20,15 +20,15 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     # Triton reads the flag when @triton.jit decorates a kernel (triton.knobs.runtime.interpret),
-    # i.e. when kernels.paged_attention is imported: it must be set before that import.
+    # i.e. when nanoserve_kernels.paged_attention is imported: it must be set before that import.
     os.environ["TRITON_INTERPRET"] = "1"
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from kernels import cpu  # noqa: E402
-from kernels import paged_attention as pa  # noqa: E402
-from kernels import reference as ref  # noqa: E402
+from nanoserve_kernels import cpu  # noqa: E402
+from nanoserve_kernels import paged_attention as pa  # noqa: E402
+from nanoserve_kernels import reference as ref  # noqa: E402
 
 if not HAS_CUDA and type(pa._write_kv_kernel).__name__ != "InterpretedFunction":
     pa = importlib.reload(pa)  # imported earlier without the flag (by another test module): redo it
@@ -199,7 +199,7 @@ def test_num_kv_splits_is_for_decode():
 @pytest.mark.parametrize("head_dim", [4, 12, 48, 512])
 def test_unsupported_head_dim_is_refused(head_dim):
     batch = make_batch(CASES["decode"], block_size=4, head_dim=head_dim)
-    with pytest.raises(ValueError, match=r"head_dim .* power of two .* kernels\.reference"):
+    with pytest.raises(ValueError, match=r"head_dim .* power of two .* nanoserve_kernels\.reference"):
         pa.paged_attention(**batch)
 
 
@@ -346,7 +346,7 @@ def test_reference_decode_plan_reads_no_tensor():
     assert plan.mask.shape == (8, 1, 1, 80)
 
 
-# --- the fast CPU path (kernels/cpu.py) -----------------------------------------------------------
+# --- the fast CPU path (nanoserve_kernels/cpu.py) -----------------------------------------------------------
 
 
 def cpu_batch(batch):

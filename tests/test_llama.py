@@ -1,5 +1,6 @@
-"""The Llama family (models/llama.py) against transformers: logits, greedy tokens under every scheduler, and the
-loader (shards, tied heads, bfloat16, generation_config.json, tokenizer.json, dummy shapes) with its refusals."""
+"""The Llama family (nanoserve_models/llama.py) against transformers: logits, greedy tokens under every scheduler,
+and the loader (shards, tied heads, bfloat16, generation_config.json, tokenizer.json, dummy shapes) with its
+refusals."""
 
 import json
 import shutil
@@ -8,10 +9,9 @@ import pytest
 import torch
 
 import nanoserve as ns
-from models.llama import LLAMA_FAMILY, Llama, LlamaConfig
-from sched import SCHEDULERS, SamplingParams
-from tests.test_greedy import CASES, run, workload
-from viz.trace import Pages, Preempted, Span, StepScheduled
+from nanoserve_models.llama import LLAMA_FAMILY, Llama, LlamaConfig
+from nanoserve_sched import SCHEDULERS, SamplingParams
+from tests.test_greedy import CASES, check_greedy, workload
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,23 +130,7 @@ def test_old_rope_fields_read_like_new_ones(tiny, tmp_path):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_greedy_matches_transformers(tiny, hf_greedy, arch, case, sched):
-    if CASES[case].get("pp", 1) > 1 and SCHEDULERS[sched].allow_placeholders:  # refused, saying what to use
-        with pytest.raises(ValueError, match="use --sched sync or balanced with --pp"):
-            run(tiny(arch), sched, **CASES[case])
-        return
-    llm, got = run(tiny(arch), sched, **CASES[case])
-    for i, (g, w) in enumerate(zip(got, hf_greedy(arch))):
-        assert g == w, f"request {i}: {g} != transformers {w}"
-    events = llm.recorder.events
-    if case.startswith("pp"):
-        lanes = {e.lane for e in events if isinstance(e, Span)}
-        assert {f"device/{k}" for k in range(CASES[case]["pp"])} <= lanes, "every pipeline stage should have run"
-    if "preemption" in case:
-        assert any(isinstance(e, Preempted) for e in events), "the tiny pool should have forced a preemption"
-    if case == "chunked_prefill":
-        assert max(sum(e.num_tokens) for e in events if isinstance(e, StepScheduled)) <= 7
-    if case == "chunked_prefill" or case == "default" and SCHEDULERS[sched].hits_within_collect:
-        assert any(isinstance(e, Pages) and e.kind == "shared" for e in events), "expected a prefix-cache hit"
+    check_greedy(tiny(arch), sched, case, hf_greedy(arch))
 
 
 def test_the_cache_holds_the_kv_heads_only(tiny):
@@ -168,7 +152,7 @@ def test_triton_and_cuda_graphs_match_transformers(tiny, hf_greedy, graphs, sche
         str(tiny("qwen3_sharded")), sched=sched, attention="triton", cuda_graphs=graphs, device="cuda",
         dtype="float32", max_num_seqs=12, block_size=8, num_gpu_blocks_override=200,
     )  # fmt: skip
-    assert llm.runner.ops.__name__ == "kernels.paged_attention" and (llm.runner.graphs is not None) == graphs
+    assert llm.runner.ops.__name__ == "nanoserve_kernels.paged_attention" and (llm.runner.graphs is not None) == graphs
     prompts, max_tokens = workload()
     outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=m) for m in max_tokens], use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy("qwen3_sharded")
@@ -394,11 +378,27 @@ def test_config_and_weights_of_different_shapes(tmp_path, tiny):
 def test_docstring_examples():
     import doctest
 
-    import models.llama
+    import nanoserve_models.llama
 
     finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    tests = [t for obj in (models.llama, ns.load_model) for t in finder.find(obj) if t.examples]
+    tests = [t for obj in (nanoserve_models.llama, ns.load_model) for t in finder.find(obj) if t.examples]
     assert len(tests) >= 3
     for t in tests:
         runner.run(t)
     assert runner.failures == 0, runner.summarize()
+
+
+@pytest.mark.parametrize("arch", ["qwen2_tied", "qwen3_sharded"])
+def test_bench_e2e_builds_the_same_model_in_transformers(tmp_path, tiny, arch, monkeypatch):
+    """benchmarks/bench_e2e.py times a Llama-family model against transformers on the same weights: its own
+    check (logits and greedy tokens, float32) passes before any timing, and transformers' tokens agree."""
+    monkeypatch.syspath_prepend(str(ns.ROOT / "benchmarks"))
+    import bench_e2e
+
+    out = tmp_path / "e2e.json"
+    argv = ["--device", "cpu", "--model", str(tiny(arch)), "--load-format", "auto", "--num-prompts", "3"]
+    argv += ["--input-len", "6:12", "--output-len", "3:5", "--warmup-prompts", "1", "--systems", "nanoserve,hf-static"]
+    bench_e2e.main(argv + ["--output-json", str(out)])
+    d = json.loads(out.read_text())
+    assert d["check"]["tokens_match"] and d["check"]["max_abs_logit_diff"] < 1e-3
+    assert d["systems"]["hf-static"]["agreement"]["same_tokens"] == 1.0

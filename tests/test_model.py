@@ -42,7 +42,7 @@ def test_paged_forward_matches_dense_forward(tiny_gpt2):
     """The serving path (paged cache, flat batch of two requests) gives the dense forward's last logits."""
     llm = ns.LLM(str(tiny_gpt2), num_gpu_blocks_override=32, block_size=4)
     a, b = torch.randint(0, 384, (13,)).tolist(), torch.randint(0, 384, (6,)).tolist()
-    from sched import SamplingParams
+    from nanoserve_sched import SamplingParams
 
     out = llm.generate([a, b], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
     with torch.no_grad():
@@ -119,7 +119,7 @@ def test_unknown_model_offline(tmp_path, monkeypatch):
 def test_cache_slots_a_request_did_not_write_cannot_leak_in(tiny_gpt2, hf_greedy):
     """On CPU the cache is allocated uninitialised, and each page is zeroed by the step that first writes
     it: NaN anywhere else must not reach an output, nor the stale values of pages used before."""
-    from sched import SamplingParams
+    from nanoserve_sched import SamplingParams
 
     llm = ns.LLM(str(tiny_gpt2), num_gpu_blocks_override=40, block_size=8)
     for k, v in llm.runner.kv_caches:  # what uninitialised memory may hold; page 0 pads block tables

@@ -6,7 +6,7 @@ from collections import deque
 import hypothesis.strategies as st
 from hypothesis import given, settings
 
-from sched import EngineConfig, Request, SamplingParams, make_scheduler
+from nanoserve_sched import EngineConfig, Request, SamplingParams, make_scheduler
 
 requests_st = st.lists(st.tuples(st.integers(1, 90), st.integers(1, 12)), min_size=1, max_size=24)
 config_st = st.fixed_dictionaries(

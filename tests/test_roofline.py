@@ -9,10 +9,10 @@ import time
 import pytest
 
 import nanoserve as ns
-from sched import SamplingParams
+from nanoserve_sched import SamplingParams
+from nanoserve_viz.trace import Pages, Preempted, RequestArrived, RequestFinished, RunInfo, StepScheduled
 from tests.conftest import ROOT
 from tests.test_greedy import workload
-from viz.trace import Pages, Preempted, RequestArrived, RequestFinished, RunInfo, StepScheduled
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from roofline import gpu_specs, measure_bandwidth, model_sizes, roofline, step_work  # noqa: E402

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nanoserve as ns
-from sched import SamplingParams
+from nanoserve_sched import SamplingParams
 
 PROBS = [0.5, 0.3, 0.15, 0.05]
 

@@ -16,10 +16,10 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 import nanoserve as ns  # noqa: E402
-from entrypoints.openai import EngineThread, build_app  # noqa: E402
-from sched import SamplingParams  # noqa: E402
+from nanoserve_entrypoints.openai import EngineThread, build_app  # noqa: E402
+from nanoserve_sched import SamplingParams  # noqa: E402
+from nanoserve_viz.trace import StepScheduled  # noqa: E402
 from tests.conftest import save_tiny_gpt2  # noqa: E402
-from viz.trace import StepScheduled  # noqa: E402
 
 
 class Server:
@@ -300,7 +300,7 @@ def test_api_key_queue_bound_and_a_failed_step(text_model):
 def test_the_viewer_watches_live_http_traffic(text_model):
     """serve --viz: the viewer drives the server's engine loop and shows the requests that come over HTTP."""
     pytest.importorskip("textual")
-    from viz.app import VizApp
+    from nanoserve_viz.app import VizApp
 
     llm = ns.LLM(str(text_model))
     engine = EngineThread(llm, keep_events=True)  # the viewer reads (and can rewind) the events
@@ -381,3 +381,37 @@ def test_a_qwen3_folder_chats_through_its_own_template(tmp_path, where):
             assert r.status_code == 400 and "refused the messages: no role tool" in r.json()["error"]["message"]
     finally:
         s.stop()
+
+
+def test_the_serve_command_logs_access_to_its_file_and_stops_on_sigint(tmp_path):
+    """`python nanoserve.py serve` as a user starts it: the embedded model on 127.0.0.1, the access log in
+    its file (never on the terminal), a clean exit on Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "access.log"
+    cmd = [sys.executable, str(ROOT / "nanoserve.py"), "serve", "--port", str(port), "--access-log", str(log)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "the server did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        assert c.completions.create(model="shakespeare", prompt="ROMEO:", max_tokens=8).choices[0].text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert '"POST /v1/completions HTTP/1.1" 200' in log.read_text()
+    assert "/v1/completions" not in out + err and f"http://127.0.0.1:{port}/v1" in out

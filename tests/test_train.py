@@ -1,4 +1,5 @@
-"""models/train.py end to end on a tiny slice: the loss falls and the folder is a Hugging Face GPT-2 checkpoint."""
+"""nanoserve_models/train.py end to end on a tiny slice: the loss falls and the folder is a Hugging Face GPT-2
+checkpoint."""
 
 import json
 import subprocess
@@ -13,7 +14,7 @@ from tokenizers import Tokenizer
 from nanoserve import GPT, GPTConfig, hf_to_ours
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT / "models" / "tinyshakespeare.txt"
+CORPUS = ROOT / "nanoserve_models" / "tinyshakespeare.txt"
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def trained(tmp_path_factory):
     text = CORPUS.read_text(encoding="utf-8")[:30_000]
     (tmp / "corpus.txt").write_text(text, encoding="utf-8")
     args = "--preset tiny --steps 40 --batch-size 8 --context-len 32 --vocab-size 300 --lr 3e-3 --warmup 5"
-    cmd = [sys.executable, str(ROOT / "models" / "train.py"), "--corpus", "corpus.txt", "--out", "out"]
+    cmd = [sys.executable, str(ROOT / "nanoserve_models" / "train.py"), "--corpus", "corpus.txt", "--out", "out"]
     # run from another directory, as a user would, to check the script finds nanoserve by itself
     proc = subprocess.run(cmd + args.split() + ["--eval-every", "20"], cwd=tmp, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

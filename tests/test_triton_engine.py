@@ -7,10 +7,10 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when kernels.paged_attention is imported
+    os.environ["TRITON_INTERPRET"] = "1"  # read when nanoserve_kernels.paged_attention is imported
 
 import nanoserve as ns
-from sched import SamplingParams
+from nanoserve_sched import SamplingParams
 from tests.test_greedy import workload
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -34,7 +34,7 @@ def test_triton_engine_matches_transformers(tiny_gpt2, hf_greedy, graphs, sched)
         block_size=8,
         num_gpu_blocks_override=40,
     )
-    assert llm.runner.ops.__name__ == "kernels.paged_attention"
+    assert llm.runner.ops.__name__ == "nanoserve_kernels.paged_attention"
     replays = []
     if graphs:  # count the decode steps that went through the static buffers
         run = llm.runner.graphs.run

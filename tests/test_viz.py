@@ -1,6 +1,6 @@
-"""The visualizer's behaviour: its model of a run (viz/state.py) against the engine's own bookkeeping,
+"""The visualizer's behaviour: its model of a run (nanoserve_viz/state.py) against the engine's own bookkeeping,
 live and replayed runs ending in the same state, the keys, the Perfetto export, and errors; one set
-of numbers however the viewer held the engine; bad trace files refused (by `python -m viz`, in a
+of numbers however the viewer held the engine; bad trace files refused (by `python -m nanoserve_viz`, in a
 subprocess) and every accepted one drawable; the KV panel's zoom; the controllers and the code's shape.
 
 The fixture log tests/viz_run.jsonl is a real run (sync, tiny model, preemptions and prefix hits)
@@ -24,14 +24,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 import nanoserve as ns
-from sched import SamplingParams
-from viz.__main__ import main as viz_main
-from viz.control import LiveControl, ReplayControl
-from viz.live import MAX, EngineDriver, Pacer
-from viz.perfetto import to_perfetto
-from viz.replay import Replay, frame_ends
-from viz.state import VIEWER_LANE, Cell, RunState
-from viz.trace import (
+from nanoserve_sched import SamplingParams
+from nanoserve_viz.__main__ import main as viz_main
+from nanoserve_viz.control import LiveControl, ReplayControl
+from nanoserve_viz.live import MAX, EngineDriver, Pacer
+from nanoserve_viz.perfetto import to_perfetto
+from nanoserve_viz.replay import Replay, frame_ends
+from nanoserve_viz.state import VIEWER_LANE, Cell, RunState
+from nanoserve_viz.trace import (
     FirstToken,
     Pages,
     Preempted,
@@ -49,12 +49,12 @@ from viz.trace import (
 HAS_TEXTUAL = importlib.util.find_spec("textual") is not None
 needs_textual = pytest.mark.skipif(not HAS_TEXTUAL, reason="the viewer needs Textual: pip install -e '.[dev]'")
 if HAS_TEXTUAL:
-    from viz.__main__ import render_svg
-    from viz.app import VizApp, run_live
-    from viz.widgets.error import ErrorScreen
-    from viz.widgets.help import HelpScreen
-    from viz.widgets.metrics import Metrics
-    from viz.widgets.status import StatusBar
+    from nanoserve_viz.__main__ import render_svg
+    from nanoserve_viz.app import VizApp, run_live
+    from nanoserve_viz.widgets.error import ErrorScreen
+    from nanoserve_viz.widgets.help import HelpScreen
+    from nanoserve_viz.widgets.metrics import Metrics
+    from nanoserve_viz.widgets.status import StatusBar
 
 FIXTURE = Path(__file__).parent / "viz_run.jsonl"
 ROOT = Path(__file__).resolve().parents[1]
@@ -733,7 +733,7 @@ def test_python_m_viz_refuses_a_bad_trace_with_the_line_and_what_is_wrong(tmp_pa
     path = tmp_path / "bad.jsonl"
     path.write_bytes("\n".join([*HEAD, bad, SPAN]).encode("utf-8", "surrogateescape") + b"\n")
     r = subprocess.run(
-        [sys.executable, "-m", "viz", str(path)],
+        [sys.executable, "-m", "nanoserve_viz", str(path)],
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -746,18 +746,18 @@ def test_python_m_viz_refuses_a_bad_trace_with_the_line_and_what_is_wrong(tmp_pa
 
 
 def test_a_pool_or_a_crowd_too_large_to_draw_is_refused(tmp_path, monkeypatch):
-    import viz.trace
+    import nanoserve_viz.trace
 
     path = tmp_path / "big.jsonl"
     path.write_text(HEAD[0].replace('"num_blocks": 16', '"num_blocks": 100000000') + "\n")
     with pytest.raises(ValueError, match="line 1: .*100000000 pages"):
         read_jsonl(path)
-    monkeypatch.setattr(viz.trace, "MAX_REQUESTS", 3)
+    monkeypatch.setattr(nanoserve_viz.trace, "MAX_REQUESTS", 3)
     arrivals = [HEAD[1].replace('"0"', f'"{i}"') for i in range(4)]
     path.write_text("\n".join([HEAD[0], *arrivals]) + "\n")
     with pytest.raises(ValueError, match="line 5: .*more than 3 requests"):
         read_jsonl(path)
-    monkeypatch.setattr(viz.trace, "MAX_TIMELINE_CELLS", 100)
+    monkeypatch.setattr(nanoserve_viz.trace, "MAX_TIMELINE_CELLS", 100)
     step = '{"type": "StepScheduled", "t": 0.1, "step": %d, "request_ids": [], "num_tokens": [], "is_prefill": []}'
     steps = [step % k for k in range(60)]
     path.write_text("\n".join([*HEAD[:2], HEAD[1].replace('"0"', '"1"'), *steps]) + "\n")
@@ -804,7 +804,7 @@ def test_ctrl_c_quits_the_live_viewer_like_q(tiny_gpt2, monkeypatch):
 
 @needs_textual
 def test_the_live_viewer_opens_at_a_pace_a_person_can_follow(tiny_gpt2):
-    from viz.widgets.help import HELP
+    from nanoserve_viz.widgets.help import HELP
 
     llm = make_llm(tiny_gpt2, num_requests=2, num_blocks=64)
     app = VizApp(llm)  # as the CLI calls it without --viz-speed
@@ -846,8 +846,8 @@ def test_the_footer_lists_the_keys_that_work_now(tiny_gpt2):
 
 @needs_textual
 def test_every_glyph_the_lanes_draw_is_in_the_legend():
-    from viz.widgets.help import HELP
-    from viz.widgets.lanes import LEGEND
+    from nanoserve_viz.widgets.help import HELP
+    from nanoserve_viz.widgets.lanes import LEGEND
 
     for glyph in "░█▄":
         assert glyph in LEGEND and glyph in HELP
@@ -860,7 +860,7 @@ def test_every_glyph_the_lanes_draw_is_in_the_legend():
 def test_kv_panel_zooms_to_the_pages_in_use_of_a_large_pool():
     from textual.app import App
 
-    from viz.widgets.kv_pages import KVPages
+    from nanoserve_viz.widgets.kv_pages import KVPages
 
     st = RunState()
     st.apply_all(
@@ -924,7 +924,7 @@ def test_live_and_replay_are_two_controllers_of_one_interface(tiny_gpt2):
     assert c.position == "33/33" and c.label == "end of log" and not c.playing
 
 
-VIZ = ROOT / "viz"
+VIZ = ROOT / "nanoserve_viz"
 
 
 def test_viz_functions_are_short_and_read_no_private_fields_of_other_objects():
@@ -1039,7 +1039,7 @@ def checked_logs(draw) -> list:
 @settings(max_examples=150, deadline=None)
 @given(checked_logs())
 def test_every_log_the_checks_accept_replays_measures_and_exports(records):
-    from viz.trace import LogLimits, check_record
+    from nanoserve_viz.trace import LogLimits, check_record
 
     limits, events = LogLimits(), []
     for r in records:

@@ -17,13 +17,13 @@ pytest.importorskip("textual", reason="the snapshot tests need Textual: pip inst
 pytest.importorskip("pytest_textual_snapshot", reason="the snapshot tests need the dev extra")
 from textual.app import App  # noqa: E402
 
-from viz.app import VizApp
-from viz.replay import Replay
-from viz.trace import read_jsonl
-from viz.widgets.kv_pages import KVPages
-from viz.widgets.lanes import Lanes
-from viz.widgets.metrics import Metrics
-from viz.widgets.timeline import Timeline
+from nanoserve_viz.app import VizApp
+from nanoserve_viz.replay import Replay
+from nanoserve_viz.trace import read_jsonl
+from nanoserve_viz.widgets.kv_pages import KVPages
+from nanoserve_viz.widgets.lanes import Lanes
+from nanoserve_viz.widgets.metrics import Metrics
+from nanoserve_viz.widgets.timeline import Timeline
 
 FIXTURE = Path(__file__).parent / "viz_run.jsonl"
 AT = 19  # the step shown: request 8 just preempted, two pages shared, two cached-free
