@@ -39,12 +39,14 @@ def test_importing_nanoserve_leaves_other_modules_alone(tmp_path):
         "path = list(sys.path)\n"
         "where = lambda n: getattr(importlib.util.find_spec(n), 'origin', None)\n"
         "before = {n: where(n) for n in ('sched', 'kernels', 'models', 'viz', 'entrypoints')}\n"
+        "import sched as stdlib_sched\n"  # imported first, as a script of the user's might
         "import nanoserve\n"
+        "assert sorted(nanoserve.SCHEDULERS) == ['async', 'balanced', 'page-aligned', 'sync']\n"
         "after = {n: where(n) for n in before}\n"
         "assert sys.path == path, (path, sys.path)\n"
         "assert before == after, (before, after)\n"
         "import sched\n"
-        "assert hasattr(sched, 'scheduler'), sched\n"  # the standard library's
+        "assert sched is stdlib_sched and hasattr(sched, 'scheduler'), sched\n"  # the standard library's
         "from transformers.integrations import hub_kernels\n"
         "print('ok')\n"
     )
