@@ -33,8 +33,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# the packages beside this file: nanoserve_sched/ (the schedulers and the KV page table), nanoserve_kernels/
-# (attention), nanoserve_viz/ (the trace and the viewer), nanoserve_models/ (the Llama family, the embedded model)
 from nanoserve_kernels import cpu as cpu_attention
 from nanoserve_kernels import reference
 from nanoserve_sched import SCHEDULERS, EngineConfig, FinishReason, Request, SamplingParams, make_scheduler
