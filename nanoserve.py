@@ -576,10 +576,8 @@ def read_weights(folder: Path, model: PagedLM) -> dict:
 # The model runner: one step's inputs, the forward over the paged cache, sampling
 
 
-BACKENDS = {
-    "reference": reference,
-    "cpu": cpu_attention,
-}  # and "triton": nanoserve_kernels.paged_attention, imported when asked
+# and "triton": nanoserve_kernels.paged_attention, imported when asked
+BACKENDS = {"reference": reference, "cpu": cpu_attention}
 
 
 def kv_bytes_per_token(cfg, dtype_bytes: int) -> int:

@@ -247,7 +247,8 @@ def check_same_model(args, cfg, state, device) -> dict:
     if diff > 1e-3 * max(1.0, scale):
         raise RuntimeError(
             f"nanoserve and transformers compute different logits from the same weights (max |difference| "
-            f"{diff:.3g}, logits up to {scale:.3g}): the conversion nanoserve.ours_to_hf is wrong; fix it first"
+            f"{diff:.3g}, logits up to {scale:.3g}): the weights reached transformers wrongly (GPT-2: "
+            "nanoserve.ours_to_hf; the Llama family: LlamaConfig.to_hf); fix it first"
         )
     same = mine == theirs
     if not same:  # near-ties of random weights can flip a greedy pick; say so, the timing is still meaningful

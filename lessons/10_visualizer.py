@@ -191,18 +191,8 @@ print(f"{'TPOT ms':>14}: {metrics['tpot_ms']['mean']:.3f} unheld, {held_metrics[
 
 # %%
 shot = folder / "screen.svg"
-command = [
-    sys.executable,
-    "-m",
-    "nanoserve_viz",
-    str(log),
-    "--screenshot",
-    str(shot),
-    "--size",
-    "120x36",
-    "--at",
-    str(AT),
-]
+command = [sys.executable, "-m", "nanoserve_viz", str(log), "--screenshot", str(shot)]
+command += ["--size", "120x36", "--at", str(AT)]
 subprocess.run(command, cwd=ROOT, check=True)  # from the checkout, where `nanoserve_viz` is a package
 svg = shot.read_text()
 show_svg(svg, "10_visualizer")

@@ -640,23 +640,25 @@ def main(argv=None) -> int:
 def logging_config(access_log: str | None, viz: bool) -> dict:
     """uvicorn's logs: the access log to its file when asked; the server's own messages to stderr, or, under
     the viewer, which owns the terminal, to the access log's file or nowhere."""
-    fmt = dict(use_colors=False)
-    handler = lambda: {"class": "logging.FileHandler", "filename": access_log, "formatter": "access"}
+    to_file = lambda formatter: {"class": "logging.FileHandler", "filename": access_log, "formatter": formatter}
     quiet = {"class": "logging.NullHandler"}
-    server = (handler() | {"formatter": "default"} if access_log else quiet) if viz else {
-        "class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "default"}  # fmt: skip
+    if not viz:
+        server = {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "default"}
+    else:
+        server = to_file("default") if access_log else quiet
+    access_fmt = '%(asctime)s %(client_addr)s "%(request_line)s" %(status_code)s'
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {
-            "default": {"()": "uvicorn.logging.DefaultFormatter", "fmt": "%(levelprefix)s %(message)s", **fmt},
-            "access": {
-                "()": "uvicorn.logging.AccessFormatter",
-                **fmt,
-                "fmt": '%(asctime)s %(client_addr)s "%(request_line)s" %(status_code)s',
-            },  # fmt: skip
+            "default": {
+                "()": "uvicorn.logging.DefaultFormatter",
+                "fmt": "%(levelprefix)s %(message)s",
+                "use_colors": False,
+            },
+            "access": {"()": "uvicorn.logging.AccessFormatter", "fmt": access_fmt, "use_colors": False},
         },
-        "handlers": {"server": server, "access": handler() if access_log else quiet},
+        "handlers": {"server": server, "access": to_file("access") if access_log else quiet},
         "loggers": {
             "uvicorn": {"handlers": ["server"], "level": "WARNING", "propagate": False},
             "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},

@@ -13,10 +13,9 @@ from tokenizers import Tokenizer
 
 from nanoserve import GPT, GPTConfig, hf_to_ours
 
-MODEL = Path(__file__).resolve().parents[1] / "nanoserve_models" / "shakespeare"
-CORPUS = (
-    Path(__file__).resolve().parents[1] / "nanoserve_models" / "tinyshakespeare.txt"
-)  # shipped: the card is re-measured
+MODELS = Path(__file__).resolve().parents[1] / "nanoserve_models"
+MODEL = MODELS / "shakespeare"
+CORPUS = MODELS / "tinyshakespeare.txt"  # shipped: the card is re-measured
 
 
 @pytest.fixture(scope="module")

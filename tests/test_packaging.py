@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+
+from tests.conftest import ROOT
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -47,7 +48,8 @@ def test_importing_nanoserve_leaves_other_modules_alone(tmp_path):
         "assert before == after, (before, after)\n"
         "import sched\n"
         "assert sched is stdlib_sched and hasattr(sched, 'scheduler'), sched\n"  # the standard library's
-        "from transformers.integrations import hub_kernels\n"
+        "if importlib.util.find_spec('transformers.integrations.hub_kernels'):\n"  # 5.x: it imports `kernels`
+        "    from transformers.integrations import hub_kernels\n"
         "print('ok')\n"
     )
     r = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=180)
