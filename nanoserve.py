@@ -212,6 +212,25 @@ class MLP(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
+CPU_ROWS = 1024  # rows a CPU takes through a row-wise part of a layer at once (plus_rowwise)
+
+
+def plus_rowwise(x, fn):
+    """x + fn(x), for an fn of each row alone (a norm and the MLP). A CPU takes a step's (N, C) rows through
+    it CPU_ROWS at a time: a prefill of thousands of tokens would otherwise make temporaries of tens of MB
+    (GPT-2's MLP: N x 3072 floats), each fresh from the OS and paid in page faults, and too big for the
+    caches; in slices they stay cached and the allocator hands the same memory back. Measured on a 2-core
+    VM (benchmarks/bench_cpu_peers.py --phases, the embedded model): a prefill of 256 prompts, 9,673 rows
+    in one step, 0.83-1.10 s at once and 0.76-0.78 s in slices. A GPU, and a dense (B, T, C) batch, take
+    all rows at once."""
+    if x.dim() != 2 or x.device.type != "cpu" or len(x) <= CPU_ROWS:
+        return x + fn(x)
+    out = torch.empty_like(x)
+    for i in range(0, len(x), CPU_ROWS):
+        torch.add(x[i : i + CPU_ROWS], fn(x[i : i + CPU_ROWS]), out=out[i : i + CPU_ROWS])
+    return out
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -222,7 +241,7 @@ class Block(nn.Module):
 
     def forward(self, x, layer, meta):
         x = x + self.attn(self.ln_1(x), layer, meta)
-        return x + self.mlp(self.ln_2(x))
+        return plus_rowwise(x, lambda h: self.mlp(self.ln_2(h)))
 
 
 class PagedLM(nn.Module):
@@ -639,14 +658,16 @@ class InputBatch:
         self.top_k = np.zeros(0, np.int64)  # 0: no cut
         self.top_p = np.zeros(0, np.float32)
         self.logprobs = np.zeros(0, np.int64)  # top log-probabilities it wants (-1: none)
+        self.sampled_at = np.zeros(0, np.int64)  # its index among the previous step's sampled ids (-1: none)
         self.seeds = {}  # row -> the seed of a request that has its own
         self._grow(rows)
 
     def _grow(self, n: int):
         old = len(self.tables)
-        for name in ("tables", "temperature", "greedy", "top_k", "top_p", "logprobs"):
+        for name in ("tables", "temperature", "greedy", "top_k", "top_p", "logprobs", "sampled_at"):
             a = getattr(self, name)
             setattr(self, name, np.concatenate([a, np.zeros((n, *a.shape[1:]), a.dtype)]))
+        self.sampled_at[old:] = -1
         self.free += range(old + n - 1, old - 1, -1)
 
     def row(self, request_id: str, pages_from: int, new_pages: list[int], params: SamplingParams) -> int:
@@ -673,6 +694,7 @@ class InputBatch:
             if (row := self.rows.pop(rid, None)) is not None:
                 self.free.append(row)
                 self.seeds.pop(row, None)
+                self.sampled_at[row] = -1
 
     def sampling(self, rows: np.ndarray, num_outputs: list[int]) -> dict:
         """The sampled rows' parameters for `Sampling`: what the host decides (is every row greedy, the
@@ -1064,7 +1086,7 @@ class SimDevice:
         self.spec, self.lanes, self.recorder = spec, lanes, recorder
         self.sizes, self.dtype_bytes, self.vocab = sizes, dtype_bytes, cfg.vocab_size
         self.kv_per_token = kv_bytes_per_token(cfg, dtype_bytes)
-        self.stop_ids = set(stop_ids)
+        self.stop_ids = np.array(stop_ids, np.int64)
         self.bandwidth = spec.bandwidth_gbs * 1e9
         self.peak = (spec.bf16_tflops if dtype_bytes <= 2 else spec.fp32_tflops) * 1e12
         self.free_at = [0.0] * len(lanes)  # when each stage's simulated device is done with what it was given
@@ -1088,9 +1110,9 @@ class SimDevice:
                 t += sample
             self.free_at[k] = t
         # a token that depends only on the position it fills: reproducible, and never a stop token
-        pos = x.positions[x.logits_indices].numpy() + 1
-        ids = [t if t not in self.stop_ids else (t + 1) % self.vocab for t in (pos * 40503 % self.vocab).tolist()]
-        return SimHandle(self.recorder, step, t, spans, ids)
+        ids = (x.positions.numpy()[x.logits_indices.numpy()] + 1) * 40503 % self.vocab
+        ids = np.where(np.isin(ids, self.stop_ids), (ids + 1) % self.vocab, ids)
+        return SimHandle(self.recorder, step, t, spans, ids.tolist())
 
 
 class SimHandle:
@@ -1209,8 +1231,7 @@ class ModelRunner:
         self.ops = attention_backend(cfg.attention, device, mc)
         self.rows = InputBatch(-(-cfg.max_model_len // cfg.block_size), mc.vocab_size)
         self.staging = Staging(device, count=max(cfg.pp, SCHEDULERS[cfg.sched].depth) + 1)
-        self.prev_rows: dict[str, int] = {}  # request id -> its row in the previous step's sampled ids
-        self.prev_sampled = None  # that step's sampled ids, still on the device (placeholders read them)
+        self.prev_sampled = None  # the previous step's sampled ids, still on the device (placeholders read them)
         self.graphs = None
         if sim is not None:  # no weights, no cache: the simulated device only needs the sizes
             dtype_bytes = next(model.parameters()).element_size()
@@ -1246,7 +1267,7 @@ class ModelRunner:
 
     def reset(self):
         """Forget the previous step's sampled ids: after a failed step nothing may take a placeholder from it."""
-        self.prev_rows, self.prev_sampled = {}, None
+        self.rows.sampled_at[:], self.prev_sampled = -1, None
 
     def submit(self, batch):
         """Prepare the step's inputs and launch it; returns the device's handle at once."""
@@ -1269,17 +1290,18 @@ class ModelRunner:
         start = np.fromiter([r.start for r in reqs], np.int64, B)
         q_len = np.fromiter([len(r.token_ids) for r in reqs], np.int64, B)
         sample = np.fromiter([r.sample for r in reqs], bool, B)
-        ids = list(itertools.chain.from_iterable([r.token_ids for r in reqs]))
-        # a placeholder: the token the step before this one sampled, still on the device
-        placeholders = [i for i, r in enumerate(reqs) if r.token_ids[-1] == PLACEHOLDER]
-        try:
-            ph_src = [self.prev_rows[reqs[i].request.request_id] for i in placeholders]
-        except KeyError as e:
-            raise RuntimeError(f"step {batch.step}: request {e} has a placeholder no step sampled") from None
-        sampled = batch.sampled
-        self.prev_rows = {r.request.request_id: i for i, r in enumerate(sampled)}
+        ids = np.fromiter(itertools.chain.from_iterable([r.token_ids for r in reqs]), np.int64)
         cu = np.zeros(B + 1, np.int64)
         np.cumsum(q_len, out=cu[1:])
+        # a placeholder: the token the step before this one sampled, still on the device
+        placeholders = np.flatnonzero(ids[cu[1:] - 1] == PLACEHOLDER)
+        ph_src = rows.sampled_at[row[placeholders]]
+        if (ph_src < 0).any():
+            bad = reqs[placeholders[np.argmax(ph_src < 0)]].request.request_id
+            raise RuntimeError(f"step {batch.step}: request {bad!r} has a placeholder no step sampled")
+        rows.sampled_at[rows.sampled_at >= 0] = -1  # only the previous step's sampled rows hold an index
+        rows.sampled_at[row[sample]] = np.arange(int(sample.sum()))
+        sampled = batch.sampled
         N, ctx = int(cu[-1]), start + q_len
         positions = np.repeat(start - cu[:-1], q_len) + np.arange(N)  # request i's rows count up from start[i]
         pages = rows.tables[np.repeat(row, q_len), positions // bs].astype(np.int64)
@@ -1298,7 +1320,7 @@ class ModelRunner:
             ctx=w.put(ctx, np.int32),
             tables=w.put(rows.tables[row, :max_pages], np.int32),
         )
-        if placeholders:
+        if len(placeholders):
             part.update(ph_dst=w.put(cu[1:][placeholders] - 1, np.int64), ph_src=w.put(ph_src, np.int64))
         page_writes, scatter_rows = self.page_writes(row, start, q_len, cu, w) if self.ops.WRITES_PAGES else ([], None)
         if scatter_rows is not None:

@@ -4,6 +4,7 @@ the same weights and the same requests, each system in a process of its own.
     python benchmarks/bench_cpu_peers.py                     # the default workloads: tens of minutes on 2 cores
     python benchmarks/bench_cpu_peers.py --models shakespeare --num-prompts 16 --output-len 8 --repeats 1  # seconds
     python benchmarks/bench_cpu_peers.py --systems nanoserve,ct2 --threads 4 --output-json peers.json
+    python benchmarks/bench_cpu_peers.py --models shakespeare --systems nanoserve,ct2 --phases  # where the time goes
 
 The models: `shakespeare`, the embedded nanoserve_models/shakespeare (4 layers, 256 wide, trained); `gpt2`, a random
 GPT-2 124M (`GPT2LMHeadModel(GPT2Config())`, seed --seed, saved with save_pretrained into a temporary folder,
@@ -42,6 +43,13 @@ output tokens/s and CPU seconds per 1,000 output tokens (median ± half the spre
 resident memory of the process, the share of requests whose tokens equal nanoserve's exactly (the worst
 run), and nanoserve / each peer (the two measured in the same pass).
 
+--phases splits nanoserve's and CTranslate2's time into the prefill and the decode steps: before the workload,
+each times two runs that stop after one output token, on prompts of their own (as many as the workload's, of
+the same lengths: no prefix cache serves one from another). The first is the first big step the process
+takes (a cold allocator pays page faults), the second a prefill in a process that has run one; a decode
+step is then (workload time - that prefill) / (output length - 1). The workload itself then runs in a
+warmer process than without --phases, so compare its tok/s only with other --phases runs.
+
 Run it on a quiet machine. CPU time is no shelter from a neighbour: a thread that waits at an OpenMP barrier
 spins, so when another process takes a core the waiting threads burn CPU as well (CTranslate2 measured 10-20x
 slower, in wall and CPU time alike, with one of two cores busy elsewhere). So each run also records how
@@ -74,6 +82,7 @@ MODELS = {  # name -> (request counts, prompt lengths, output length); a folder 
 }
 PEERS = {"ct2": ("ctranslate2", "transformers"), "hf-static": ("transformers",), "hf-cb": ("transformers",)}
 INSTALL = 'pip install -e ".[bench]"'
+PHASES = ("nanoserve", "ct2")  # the systems --phases splits into prefill and decode
 BUSY_CPUS = 0.2  # other processes' load (in CPUs, over a run) past which the numbers are called disturbed
 
 
@@ -92,6 +101,26 @@ def missing(system: str) -> str | None:
 # one run, in its own process: load, warm up, time the workload
 
 
+def timed(generate, spec: dict, work: dict, warm: dict) -> dict:
+    """Warm up, then time `generate(work)` (wall and CPU seconds). With --phases, first time two runs that
+    stop after one output token, each on prompts of its own (as many as the workload's, of the same
+    lengths, so that no prefix cache serves one from another): the first big step of the process, and a
+    prefill in a process that has run one; then (workload time - that prefill) / (output_len - 1) is a
+    decode step."""
+    generate(warm)
+    phases = {}
+    for key, prompts in zip(("first_prefill_s", "prefill_s"), spec.get("phase_prompts") or ()):
+        t = time.perf_counter()
+        generate(dict(prompts=prompts, output_len=1))
+        phases[key] = time.perf_counter() - t
+    t, cpu = time.perf_counter(), time.process_time()
+    outputs = generate(work)
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    if phases and work["output_len"] > 1:
+        phases["decode_step_ms"] = 1e3 * (wall - phases["prefill_s"]) / (work["output_len"] - 1)
+    return dict(outputs=outputs, wall_s=wall, cpu_s=cpu, **phases)
+
+
 def run_nanoserve(spec: dict, work: dict, warm: dict) -> dict:
     from bench_e2e import greedy
 
@@ -100,15 +129,16 @@ def run_nanoserve(spec: dict, work: dict, warm: dict) -> dict:
     settings = dict(sched=spec["sched"], max_num_seqs=spec["max_num_seqs"])
     settings["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
     llm = ns.LLM(spec["model_dir"], dtype="float32", device="cpu", **settings)
-    llm.generate(warm["prompts"], greedy(warm["output_len"]), use_tqdm=False)
-    t, cpu = time.perf_counter(), time.process_time()
-    outs = llm.generate(work["prompts"], greedy(work["output_len"]), use_tqdm=False)
-    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
-    errors = [o.error for o in outs if o.error]
-    if errors:
-        raise RuntimeError(f"{len(errors)} requests failed in nanoserve: {errors[0]}")
+
+    def generate(w):
+        outs = llm.generate(w["prompts"], greedy(w["output_len"]), use_tqdm=False)
+        if errors := [o.error for o in outs if o.error]:
+            raise RuntimeError(f"{len(errors)} requests failed in nanoserve: {errors[0]}")
+        return [list(token_ids(o)) for o in outs]
+
+    r = timed(generate, spec, work, warm)
     settings.update(num_blocks=llm.num_blocks, block_size=llm.config.block_size, attention=llm.config.attention)
-    return dict(outputs=[list(token_ids(o)) for o in outs], wall_s=wall, cpu_s=cpu, settings=settings)
+    return dict(r, settings=settings)
 
 
 def run_ct2(spec: dict, work: dict, warm: dict) -> dict:
@@ -123,11 +153,7 @@ def run_ct2(spec: dict, work: dict, warm: dict) -> dict:
         res = gen.generate_batch(prompts, max_length=w["output_len"], sampling_topk=1, end_token=[], **batching)
         return [r.sequences_ids[0] for r in res]
 
-    generate(warm)
-    t, cpu = time.perf_counter(), time.process_time()
-    outputs = generate(work)
-    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
-    return dict(outputs=outputs, wall_s=wall, cpu_s=cpu, settings={**opts, **batching})
+    return dict(timed(generate, spec, work, warm), settings={**opts, **batching})
 
 
 def run_hf(spec: dict, work: dict, warm: dict) -> dict:
@@ -170,7 +196,8 @@ def child(spec_path: str):
     run = {"nanoserve": run_nanoserve, "ct2": run_ct2}.get(spec["system"], run_hf)
     r = run(spec, work, warm)
     r["peak_rss_mib"] = peak_rss_mib()
-    keep = ("outputs", "wall_s", "cpu_s", "settings", "notes", "peak_rss_mib", "generated_tokens")
+    keep = ("outputs", "wall_s", "cpu_s", "settings", "notes", "peak_rss_mib", "generated_tokens", "prefill_s")
+    keep += ("first_prefill_s", "decode_step_ms")
     Path(spec["result"]).write_text(json.dumps({k: r[k] for k in keep if k in r}))
 
 
@@ -300,7 +327,10 @@ def workloads(args, model: dict) -> list[dict]:
         desc.update(vocab_size=cfg["vocab_size"], n_layer=cfg["n_layer"], n_embd=cfg["n_embd"])
         prompts = random_prompts(n, in_len, cfg["vocab_size"], args.seed)
         warm = random_prompts(args.warmup_prompts, in_len, cfg["vocab_size"], args.seed + 1)
-        result.append(dict(name=f"{short} x{n}", desc=desc, model=model, prompts=prompts, warm_prompts=warm))
+        # other prompts than the workload's: a prefix cache must not serve the workload from them
+        phase = [random_prompts(n, in_len, cfg["vocab_size"], args.seed + k) for k in (2, 3)] if args.phases else None
+        w = dict(name=f"{short} x{n}", desc=desc, model=model, prompts=prompts, warm_prompts=warm, phase_prompts=phase)
+        result.append(w)
     return result
 
 
@@ -314,6 +344,7 @@ def run_spec(args, w: dict, system: str) -> dict:
         output_len=w["desc"]["output_len"],
         warm_prompts=w["warm_prompts"],
         warm_output_len=4,
+        phase_prompts=w["phase_prompts"] if system in PHASES else None,
         threads=args.threads,
         sched=args.sched,
         max_num_seqs=args.max_num_seqs or n,
@@ -382,8 +413,9 @@ def summarize(runs: dict, ref: str | None) -> dict:
         if not ok:
             continue
         out[s].update(settings=ok[0]["settings"], notes=ok[0].get("notes", []))
-        for key in ("tok_s", "cpu_s_per_1k"):
-            out[s][key], out[s][key + "_spread"] = median_spread([r[key] for r in ok])
+        for key in ("tok_s", "cpu_s_per_1k", "first_prefill_s", "prefill_s", "decode_step_ms"):
+            if all(key in r for r in ok):
+                out[s][key], out[s][key + "_spread"] = median_spread([r[key] for r in ok])
         out[s]["peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in ok)
         out[s]["others_cpus_max"] = max(r["others_cpus"] for r in ok)
         for key in ("same_tokens", "same_first_token"):  # the worst run: a difference shows
@@ -393,6 +425,9 @@ def summarize(runs: dict, ref: str | None) -> dict:
             out[s]["ratio_tok_s"] = median_spread([a["tok_s"] / b["tok_s"] for a, b in pairs])
             out[s]["ratio_cpu_per_token"] = median_spread([a["cpu_s_per_1k"] / b["cpu_s_per_1k"] for a, b in pairs])
             out[s]["pairs"] = len(pairs)
+            for key in ("first_prefill_s", "prefill_s", "decode_step_ms"):
+                if key in out[s] and key in out[ref]:
+                    out[s]["ratio_" + key] = median_spread([a[key] / b[key] for a, b in pairs])
     return out
 
 
@@ -434,6 +469,15 @@ def print_workload(w: dict, result: dict, skipped: dict):
         failed = [f"FAILED in {r['failed']} of {r['runs']} runs: {r['error']}"] if r["failed"] else []
         for note in r["notes"] + failed:
             print(f"{'':<11}note: {note}")
+        if "prefill_s" in r:
+            step = ""
+            if "decode_step_ms" in r:
+                step = f"; a decode step {r['decode_step_ms']:.1f} ± {r['decode_step_ms_spread']:.1f} ms"
+            print(
+                f"{'':<11}phases: the first prefill of {d['requests']} prompts {r['first_prefill_s']:.3f} ± "
+                f"{r['first_prefill_s_spread']:.3f} s, the next {r['prefill_s']:.3f} ± "
+                f"{r['prefill_s_spread']:.3f} s{step}"
+            )
     for s, why in skipped.items():
         print(f"{s:<11}{'-':>19}{'-':>18}{'-':>11}  skipped: {why}")
     busy = max((r.get("others_cpus_max", 0) for r in result["summary"].values()), default=0)
@@ -446,6 +490,10 @@ def print_workload(w: dict, result: dict, skipped: dict):
                 f"{ref} / {s}: {t:.2f}x output tok/s (± {t_sd:.2f}), {c:.2f}x CPU s per token (± {c_sd:.2f}), "
                 f"over {r['pairs']} runs of the same passes"
             )
+            parts = [("first_prefill_s", "the first prefill's time"), ("prefill_s", "the next's")]
+            parts.append(("decode_step_ms", "a decode step's"))
+            if got := [(r["ratio_" + k], what) for k, what in parts if "ratio_" + k in r]:
+                print(f"{ref} / {s}: " + ", ".join(f"{x:.2f}x {what} (± {sd:.2f})" for (x, sd), what in got))
 
 
 def parse_args(argv=None):
@@ -460,6 +508,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-prompts", type=int, default=8, help="untimed requests of 4 tokens run first")
     p.add_argument("--sched", default="sync", help="nanoserve's scheduler")
+    p.add_argument(
+        "--phases",
+        action="store_true",
+        help="nanoserve and ct2: also time the prefill alone (other prompts, one output token), and so a decode step",
+    )
     p.add_argument("--max-num-seqs", type=int, default=None, help="nanoserve (default: the request count)")
     p.add_argument("--max-num-batched-tokens", type=int, default=16384, help="nanoserve's and hf-cb's step budget")
     p.add_argument("--ct2-max-batch-size", type=int, default=64, help="ct2: requests per batch (0: all)")

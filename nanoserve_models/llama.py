@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanoserve import AttnMetadata, PagedLM
+from nanoserve import AttnMetadata, PagedLM, plus_rowwise
 
 # the architectures this file runs, with the model_type of each (a config.json without `architectures`)
 ARCHITECTURES = {
@@ -357,7 +357,7 @@ class Block(nn.Module):
         if meta is not None:  # a serving step: the cos and sin of its positions came with the step (Llama.layers)
             cos, sin = meta.cos, meta.sin
         x = x + self.self_attn(self.input_layernorm(x), layer, meta, cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return plus_rowwise(x, lambda h: self.mlp(self.post_attention_layernorm(h)))
 
 
 class Llama(PagedLM):

@@ -29,7 +29,7 @@ def test_smoke_run_on_a_tiny_gpt2(tmp_path, capsys):
     model = save_tiny_gpt2(tmp_path / "tiny")
     out = tmp_path / "peers.json"
     argv = ["--models", str(model), "--num-prompts", "4", "--input-len", "4:12", "--output-len", "5"]
-    argv += ["--repeats", "1", "--warmup-prompts", "1", "--retry-disturbed", "0", "--output-json", str(out)]
+    argv += ["--repeats", "1", "--warmup-prompts", "1", "--retry-disturbed", "0", "--output-json", str(out), "--phases"]
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out
     d = json.loads(out.read_text())
@@ -59,3 +59,12 @@ def test_smoke_run_on_a_tiny_gpt2(tmp_path, capsys):
     assert order == installed + installed[::-1]
     assert "same tokens as nanoserve" in printed and "nanoserve / hf-cb:" in printed
     assert printed.startswith("CPU ") and "thread(s) per system" in printed
+
+    # --phases: the systems that split their time into a prefill and decode steps, and only those
+    for name, s in summary.items():
+        split = {"first_prefill_s", "prefill_s", "decode_step_ms"} <= s.keys()
+        assert split == (name in bench.PHASES), name
+        assert not split or s["first_prefill_s"] > 0 and s["prefill_s"] > 0
+    assert "phases: the first prefill of 4 prompts" in printed
+    if "ct2" in summary:
+        assert "nanoserve / ct2: " in printed and "x a decode step's" in printed

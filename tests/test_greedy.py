@@ -81,6 +81,23 @@ def check_greedy(model, sched: str, case: str, want: list[list[int]]):
         assert any(isinstance(e, Pages) and e.kind == "shared" for e in events), "expected a prefix-cache hit"
 
 
+@pytest.mark.parametrize("sched", ["sync", "async"])
+def test_rows_in_slices_change_no_token(tiny_gpt2, hf_greedy, monkeypatch, sched):
+    """A CPU takes a step's rows through the MLP CPU_ROWS at a time (nanoserve.plus_rowwise): at 5 rows every
+    step of the workload is cut in slices, most with a short last one, and the tokens are still transformers'."""
+    monkeypatch.setattr(ns, "CPU_ROWS", 5)
+    check_greedy(tiny_gpt2, sched, "default", expected(hf_greedy))
+
+
+def test_plus_rowwise_slices_are_x_plus_fn_of_x(monkeypatch):
+    monkeypatch.setattr(ns, "CPU_ROWS", 4)
+    x, sizes = torch.randn(11, 3), []
+    fn = lambda h: sizes.append(len(h)) or h.cumsum(dim=1) * 2  # of each row alone
+    assert torch.equal(ns.plus_rowwise(x, fn), x + x.cumsum(dim=1) * 2) and sizes == [4, 4, 3]
+    sizes.clear()
+    assert torch.equal(ns.plus_rowwise(x[:4], fn), x[:4] + x[:4].cumsum(dim=1) * 2) and sizes == [4]  # one piece
+
+
 def test_stop_on_eos_matches_transformers(tmp_path, hf_greedy):
     """A model whose EOS is a token it actually generates: both stop there, EOS included."""
     from tests.conftest import save_tiny_gpt2

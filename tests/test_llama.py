@@ -133,6 +133,13 @@ def test_greedy_matches_transformers(tiny, hf_greedy, arch, case, sched):
     check_greedy(tiny(arch), sched, case, hf_greedy(arch))
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_rows_in_slices_change_no_token(tiny, hf_greedy, monkeypatch, arch):
+    """The Llama block's MLP goes through nanoserve.plus_rowwise too: in slices of 5 rows, transformers' tokens."""
+    monkeypatch.setattr(ns, "CPU_ROWS", 5)
+    check_greedy(tiny(arch), "sync", "default", hf_greedy(arch))
+
+
 def test_the_cache_holds_the_kv_heads_only(tiny):
     """Grouped-query attention end to end: 4 query heads, 2 KV heads of 32 channels in every page."""
     llm = ns.LLM(str(tiny("qwen3_sharded")), num_gpu_blocks_override=20, block_size=4)
