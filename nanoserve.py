@@ -698,15 +698,21 @@ class InputBatch:
 
     def sampling(self, rows: np.ndarray, num_outputs: list[int]) -> dict:
         """The sampled rows' parameters for `Sampling`: what the host decides (is every row greedy, the
-        largest top-k, the most log-probabilities asked) and, unless all are greedy, the per-row arrays."""
+        largest top-k, the most log-probabilities asked) and the per-row arrays of the steps that need them:
+        none if every row is greedy, and of the others only those some row uses (a mix of greedy and random
+        rows, a temperature other than 1, a top-k or a top-p cut, a seed)."""
         k = int(self.logprobs[rows].max(initial=-1))
-        out = dict(all_greedy=bool(self.greedy[rows].all()), num_logprobs=None if k < 0 else k, top_k_max=0)
+        greedy = self.greedy[rows]
+        out = dict(all_greedy=bool(greedy.all()), num_logprobs=None if k < 0 else k, top_k_max=0)
         if out["all_greedy"]:
             return out
+        if greedy.any():
+            out["greedy"] = greedy
+        if (temperature := self.temperature[rows]).min() != 1 or temperature.max() != 1:
+            out["temperature"] = temperature
         top_k = self.top_k[rows]
-        out["top_k_max"] = k_max = int(top_k.max())
-        out.update(greedy=self.greedy[rows], temperature=self.temperature[rows], top_k=np.clip(top_k, 1, max(k_max, 1)))
-        out["cut_k"] = top_k > 0
+        if k_max := int(top_k.max()):
+            out.update(top_k_max=k_max, top_k=np.maximum(top_k, 1), cut_k=top_k > 0)
         if (top_p := self.top_p[rows]).min() < 1:  # else no row cuts: no sort
             out["top_p"] = top_p
         if seeded := [i for i, r in enumerate(rows.tolist()) if r in self.seeds] if self.seeds else []:
@@ -723,6 +729,7 @@ class Staging:
     once the step that read it is done. A buffer holds four regions, one per element type (int64, int32,
     float32, bool); each input is a slice of one. On CUDA the host side is pinned memory and one
     non-blocking copy moves the used bytes; on CPU the host buffer is the step's memory, with no copy.
+    A buffer and the views of its regions are made once and reused, until a step needs more room.
 
     >>> w = Staging(torch.device("cpu"), count=2).writer(n64=8, n32=4, nf=0, nb=0)
     >>> a = w.put(np.arange(3), np.int64); b = w.put([[1, 2]], np.int32); t = w.send()
@@ -734,32 +741,37 @@ class Staging:
 
     def __init__(self, device, count: int):
         self.device, self.count, self.i = device, count, 0
-        self.host, self.dev = [None] * count, [None] * count
+        self.buffers: list[StagingWriter | None] = [None] * count
 
     def writer(self, n64: int, n32: int, nf: int, nb: int) -> "StagingWriter":
-        """A buffer for at most n64 int64s, n32 int32s, nf float32s and nb bools."""
-        sizes = [8 * -(-n * np.dtype(dt).itemsize // 8) for n, dt in zip((n64, n32, nf, nb), self.DTYPES)]
-        nbytes = sum(sizes)
+        """A buffer with room for at least n64 int64s, n32 int32s, nf float32s and nb bools, emptied."""
         i, self.i = self.i, (self.i + 1) % self.count
-        if self.host[i] is None or self.host[i].numel() < nbytes:
-            cuda = self.device.type == "cuda"
-            size = max(nbytes, 2 * (self.host[i].numel() if self.host[i] is not None else 0))
-            self.host[i] = torch.empty(size, dtype=torch.uint8, pin_memory=cuda)
-            self.dev[i] = torch.empty(size, dtype=torch.uint8, device=self.device) if cuda else self.host[i]
-        return StagingWriter(self.host[i], self.dev[i], sizes)
+        w, need = self.buffers[i], (n64, n32, nf, nb)
+        if w is None or any(n > cap for n, cap in zip(need, w.capacity)):  # grow: twice what was there
+            old = w.capacity if w is not None else (0, 0, 0, 0)
+            w = self.buffers[i] = StagingWriter(self.device, [max(n, 2 * c) for n, c in zip(need, old)])
+        w.used, w.parts = [0, 0, 0, 0], []
+        return w
 
 
 class StagingWriter:
-    def __init__(self, host, dev, sizes):
-        self.host, self.dev, self.parts = host, dev, []
+    def __init__(self, device, capacity: list[int]):
+        self.capacity = capacity  # elements of each region
+        sizes = [8 * -(-n * np.dtype(dt).itemsize // 8) for n, dt in zip(capacity, Staging.DTYPES)]
         self.starts = list(itertools.accumulate(sizes, initial=0))  # byte offset of each region
-        buf = host.numpy()
-        self.regions = [buf[a:b].view(dt) for a, b, dt in zip(self.starts, self.starts[1:], Staging.DTYPES)]
-        self.used = [0] * 4  # elements used in each region
+        cuda = device.type == "cuda"
+        self.host = torch.empty(self.starts[-1], dtype=torch.uint8, pin_memory=cuda)
+        self.dev = torch.empty_like(self.host, device=device) if cuda else self.host
+        spans = list(zip(self.starts, self.starts[1:]))
+        buf = self.host.numpy()
+        self.regions = [buf[a:b].view(dt) for (a, b), dt in zip(spans, Staging.DTYPES)]
+        self.dev_regions = [self.dev[a:b].view(dt) for (a, b), dt in zip(spans, TORCH_DTYPES)]
+        self.kinds = {dt: k for k, dt in enumerate(Staging.DTYPES)}
+        self.used, self.parts = [0, 0, 0, 0], []  # elements used in each region; (region, start, end, shape)
 
     def put(self, values, dtype) -> int:
         """Append an array to its type's region; returns its index, for the tensor `send()` makes of it."""
-        k = Staging.DTYPES.index(dtype)
+        k = self.kinds[dtype]
         values = np.asarray(values, dtype=dtype)
         a = self.used[k]
         b = self.used[k] = a + values.size
@@ -769,10 +781,11 @@ class StagingWriter:
 
     def send(self) -> list[torch.Tensor]:
         """One copy to the device; the parts as tensors there, in the order they were put."""
-        end = self.starts[-1]
-        if self.dev is not self.host:
+        if self.dev is not self.host:  # the bytes up to the end of the last region in use
+            k = max(k for k in range(4) if self.used[k] or k == 0)
+            end = self.starts[k] + self.used[k] * np.dtype(Staging.DTYPES[k]).itemsize
             self.dev[:end].copy_(self.host[:end], non_blocking=True)
-        regions = [self.dev[a:b].view(dt) for a, b, dt in zip(self.starts, self.starts[1:], TORCH_DTYPES)]
+        regions = self.dev_regions
         return [regions[k][a:b] if shape is None else regions[k][a:b].view(shape) for k, a, b, shape in self.parts]
 
 
@@ -786,12 +799,12 @@ class Sampling:
 
     all_greedy: bool
     num_logprobs: int | None = None  # the most top log-probabilities a row asked for (None: no row asked)
-    greedy: torch.Tensor | None = None  # (S,) bool: the rows whose temperature is 0
-    temperature: torch.Tensor | None = None  # (S,) float, 1 where greedy
+    greedy: torch.Tensor | None = None  # (S,) bool: the rows whose temperature is 0 (None: no row is)
+    temperature: torch.Tensor | None = None  # (S,) float, 1 where greedy (None: 1 for every row)
     top_k: torch.Tensor | None = None  # (S,) int64 in [1, top_k_max]: the k-th largest logit is kept
     cut_k: torch.Tensor | None = None  # (S,) bool: rows with a top-k cut
-    top_k_max: int = 0  # the largest k of those rows (0: none has one)
-    top_p: torch.Tensor | None = None  # (S,) float
+    top_k_max: int = 0  # the largest k of those rows (0: none has one, and top_k, cut_k are None)
+    top_p: torch.Tensor | None = None  # (S,) float (None: no row cuts)
     seeded: torch.Tensor | None = None  # rows with a seed of their own ...
     seed_keys: torch.Tensor | None = None  # ... and their (seed, token index) keys
 
@@ -1042,19 +1055,19 @@ def step_cost(sizes: dict, kv_per_token: int, dtype_bytes: int, q_lens, context_
     >>> sizes = dict(params=600, linear_params=384, lm_head_params=40, attention_width=8)
     >>> c = step_cost(sizes, kv_per_token=32, dtype_bytes=2, q_lens=[3, 2], context_lens=[3, 2], num_sampled=2)
     >>> c["bytes"], c["flops"]
-    ({'weights': 1200, 'kv_read': 160, 'kv_write': 160}, {'linear': 3840, 'lm_head': 160, 'attention': 288})
+    ({'weights': 1200, 'kv_read': 160, 'kv_write': 160}, {'linear': 3840, 'lm_head': 160, 'attention': 144})
     """
     q, ctx = np.asarray(q_lens, np.int64), np.asarray(context_lens, np.int64)
-    start = ctx - q
     new = int(q.sum())
+    # query i of a request attends to its start + i + 1 keys: q x start + q (q + 1) / 2 pairs per request
+    pairs = int(q @ (ctx - q)) + (int(q @ q) + new) // 2
     return dict(
         bytes=dict(weights=sizes["params"] * dtype_bytes, kv_read=int(ctx.sum()) * kv_per_token,
                    kv_write=new * kv_per_token),
         flops=dict(
             linear=2 * sizes["linear_params"] * new,
             lm_head=2 * sizes["lm_head_params"] * num_sampled,
-            # query i of a request attends to its start + i + 1 keys
-            attention=2 * sizes["attention_width"] * int((q * start + q * (q + 1) // 2).sum()),
+            attention=2 * sizes["attention_width"] * pairs,
         ),
     )  # fmt: skip
 
@@ -1086,7 +1099,8 @@ class SimDevice:
         self.spec, self.lanes, self.recorder = spec, lanes, recorder
         self.sizes, self.dtype_bytes, self.vocab = sizes, dtype_bytes, cfg.vocab_size
         self.kv_per_token = kv_bytes_per_token(cfg, dtype_bytes)
-        self.stop_ids = np.array(stop_ids, np.int64)
+        self.is_stop = np.zeros(cfg.vocab_size, bool)  # by token id
+        self.is_stop[list(stop_ids)] = True
         self.bandwidth = spec.bandwidth_gbs * 1e9
         self.peak = (spec.bf16_tflops if dtype_bytes <= 2 else spec.fp32_tflops) * 1e12
         self.free_at = [0.0] * len(lanes)  # when each stage's simulated device is done with what it was given
@@ -1111,8 +1125,11 @@ class SimDevice:
             self.free_at[k] = t
         # a token that depends only on the position it fills: reproducible, and never a stop token
         ids = (x.positions.numpy()[x.logits_indices.numpy()] + 1) * 40503 % self.vocab
-        ids = np.where(np.isin(ids, self.stop_ids), (ids + 1) % self.vocab, ids)
+        ids = np.where(self.is_stop[ids], (ids + 1) % self.vocab, ids)
         return SimHandle(self.recorder, step, t, spans, ids.tolist())
+
+
+SLEEP_SLACK = 2e-4  # seconds: more than time.sleep oversleeps on Linux (its default timer slack and wake-up)
 
 
 class SimHandle:
@@ -1124,8 +1141,10 @@ class SimHandle:
         if timeout is not None and wait > timeout:
             time.sleep(timeout)
             raise TimeoutError(f"step {self.step} is still running on the simulated device after {timeout:g} s")
-        if wait > 0:
-            time.sleep(wait)
+        if wait > SLEEP_SLACK:  # the OS wakes a sleeper ~70 us late: sleep to just before the end, then spin,
+            time.sleep(wait - SLEEP_SLACK)  # as a GPU's synchronize does, which returns within microseconds
+        while self.recorder.now() < self.end:
+            pass
         for s in self.spans:
             self.recorder.emit(s)
         return self.ids
@@ -1408,10 +1427,11 @@ class ModelRunner:
         draws the noise of every row, and rows with a seed of their own take theirs from a hash of (seed,
         token index) instead (`seeded_noise`), so their tokens do not depend on which requests share the batch.
         """
-        greedy = logits.argmax(dim=-1)
         if s.all_greedy:
-            return greedy
-        logits = logits / s.temperature[:, None]
+            return logits.argmax(dim=-1)
+        greedy = None if s.greedy is None else logits.argmax(dim=-1)  # a mix of greedy and random rows
+        if s.temperature is not None:
+            logits = logits / s.temperature[:, None]
         if s.top_k_max:  # keep the k largest: everything below the k-th value goes
             kth = logits.topk(s.top_k_max, dim=-1).values.gather(1, (s.top_k - 1)[:, None])
             logits = logits.masked_fill((logits < kth) & s.cut_k[:, None], float("-inf"))
@@ -1425,7 +1445,8 @@ class ModelRunner:
         noise = torch.rand(probs.shape, generator=self.generator, device=probs.device).add_(2**-25).log_().neg_()
         if s.seeded is not None:
             noise[s.seeded] = seeded_noise(s.seed_keys, probs.shape[1])
-        return torch.where(s.greedy, greedy, (probs / noise).argmax(dim=-1))
+        drawn = (probs / noise).argmax(dim=-1)
+        return drawn if greedy is None else torch.where(s.greedy, greedy, drawn)
 
 
 # -----------------------------------------------------------------------------
@@ -1551,7 +1572,7 @@ class LLM:
 
     >>> llm = LLM("distilgpt2", load_format="dummy", num_gpu_blocks_override=64)
     >>> out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
-    >>> len(out[0].output_token_ids), out[0].finish_reason
+    >>> len(out[0].outputs[0].token_ids), out[0].outputs[0].finish_reason
     (4, 'length')
 
     Any number of threads may add requests and call generate() or stream() on one LLM at once: requests
@@ -1936,8 +1957,13 @@ class LLM:
         Several threads may do this at once: whoever gets the lock steps the engine for all, the others wait
         for its progress. Closing the generator early (a `break` in the caller) aborts the requests left.
         """
+        left = iter(reqs)  # the first that may be unfinished: a step looks at a few requests, not at all of them
+        req = next(left, None)
         try:
-            while not all(r.finished for r in reqs):
+            while req is not None:
+                if req.finished:
+                    req = next(left, None)
+                    continue
                 if self.lock.acquire(blocking=False):
                     try:
                         self.step()
@@ -1993,8 +2019,12 @@ class LLM:
         groups = self._add_all(prompts, params)
         samples = [r for g in groups for r in g]
         with tqdm(total=len(groups), disable=not use_tqdm, desc="requests", unit="req") as bar:
-            for _ in self._serve(samples):
-                bar.update(sum(g.finished for g in groups) - bar.n)
+            shown = 0.0
+            for _ in self._serve(samples):  # counted at most 10 times a second: not a pass over all per step
+                if use_tqdm and (now := time.perf_counter()) - shown > 0.1:
+                    bar.update(sum(g.finished for g in groups) - bar.n)
+                    shown = now
+            bar.update(len(groups) - bar.n)
         return [self.output(g) for g in groups]
 
     def stream(self, prompts, params: SamplingParams | list[SamplingParams] | None = None):

@@ -340,10 +340,11 @@ def run_with_progress(llm: LLM, reqs: list[Request], label: str, show: bool):
 
     total = sum(r.params.max_tokens for r in reqs if not r.finished)
     with tqdm(total=total, disable=not show, desc=label, unit="tok", file=sys.stderr, dynamic_ncols=True) as bar:
-        for _ in llm.run():
-            done = sum(r.finished for r in reqs)
-            bar.set_postfix_str(f"requests {done}/{len(reqs)}", refresh=False)
-            bar.update(sum(r.num_output_tokens for r in reqs) - bar.n)
+        for got in llm.run():  # each request in `got` has one more token: no pass over all requests per step
+            if any(r.finished for r in got):
+                bar.set_postfix_str(f"requests {sum(r.finished for r in reqs)}/{len(reqs)}", refresh=False)
+            bar.update(len(got))
+        bar.set_postfix_str(f"requests {sum(r.finished for r in reqs)}/{len(reqs)}", refresh=False)
         bar.total = bar.n  # requests that stopped early (EOS) never made their max_tokens
         bar.refresh()
 

@@ -169,7 +169,8 @@ class Scheduler:
         known = len(req.token_ids) + req.num_placeholders  # tokens it has, the one in flight included
         if known - req.num_prompt_tokens >= req.params.max_tokens or known >= self.max_model_len:
             return 0  # the in-flight token is its last: never schedule past the end
-        return min(known - req.num_computed_tokens, budget)
+        n = known - req.num_computed_tokens
+        return n if n < budget else budget
 
     def charge(self, req: Request, n: int) -> int:
         """What scheduling n tokens of req costs of the budget."""
@@ -213,6 +214,7 @@ class Scheduler:
 
         # 1. running requests, oldest first; when pages run out, preempt from the newest end
         chunk_size, allocate, take, charge = self.chunk_size, self.blocks.allocate, self._take, self.charge
+        tables, bs = self.blocks.tables, self.config.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -220,20 +222,24 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            while not allocate(req.request_id, req.num_computed_tokens + n):
-                victim = self.running[-1]
-                if victim is req and len(self.running) == 1 and not scheduled:
-                    # alone and still too big: no preemption can ever make room
-                    self.finish(req, FinishReason.ERROR, self._too_big(req))
-                    break
-                self.preempt(victim)
-                preempted = True
-                if victim is req:
-                    break
-            else:
-                scheduled.append(take(req, n))
-                budget -= charge(req, n)
-                i += 1
+            table = tables.get(req.request_id)
+            if table is None or req.num_computed_tokens + n > len(table) * bs:  # it needs more pages
+                while not allocate(req.request_id, req.num_computed_tokens + n):
+                    victim = self.running[-1]
+                    if victim is req and len(self.running) == 1 and not scheduled:
+                        # alone and still too big: no preemption can ever make room
+                        self.finish(req, FinishReason.ERROR, self._too_big(req))
+                        break
+                    self.preempt(victim)
+                    preempted = True
+                    if victim is req:
+                        break
+                if req.status is not Status.RUNNING:  # it failed, or was preempted itself: the next one is at i
+                    continue
+                table = tables[req.request_id]
+            scheduled.append(take(req, n, table))
+            budget -= charge(req, n)
+            i += 1
 
         # 2. waiting requests, unless this step already had to preempt
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -268,25 +274,31 @@ class Scheduler:
             pages = list(itertools.takewhile(lambda p: p not in self.written, pages))
         return pages
 
-    def _take(self, req: Request, n: int) -> ScheduledRequest:
-        """Schedule n tokens of req: they count as computed from now on (the step will write them)."""
-        start, end, num_tokens = req.num_computed_tokens, req.num_computed_tokens + n, len(req.token_ids)
+    def _take(self, req: Request, n: int, table: list[int] | None = None) -> ScheduledRequest:
+        """Schedule n tokens of req: they count as computed from now on (the step will write them). `table`
+        is its page table, if the caller has it at hand."""
+        start, token_ids = req.num_computed_tokens, req.token_ids
+        end, num_tokens = start + n, len(token_ids)
         req.num_computed_tokens = end
         req.num_inflight += 1
-        tokens = req.token_ids[start:end]
-        if end > num_tokens:  # the token being sampled by the step in flight
-            tokens += [PLACEHOLDER] * (end - max(start, num_tokens))
+        if end <= num_tokens:
+            tokens, computed = token_ids[start:end], end
+        else:  # the token being sampled by the step in flight: a placeholder
+            tokens, computed = token_ids[start:num_tokens] + [PLACEHOLDER] * (end - max(start, num_tokens)), num_tokens
         # name full pages for the prefix cache, but never one holding a token still in flight
-        if named := self.blocks.cache_pages(req.request_id, req.token_ids, min(end, num_tokens)):
-            self.written.update(named)
-        sample = end == num_tokens + req.num_placeholders
+        blocks = self.blocks
+        if blocks.enable_prefix_caching and computed >= blocks.full_at.get(req.request_id, self.config.block_size):
+            self.written.update(blocks.cache_pages(req.request_id, token_ids, computed))
         num_outputs = num_tokens - req.num_prompt_tokens + req.num_placeholders  # index of the token it samples
-        if sample:
+        if sample := end == num_tokens + req.num_placeholders:
             req.num_placeholders += 1
-        table, sent = self.blocks.tables[req.request_id], req.num_pages_sent
-        new_pages = table[sent:] if sent < len(table) else ()
-        req.num_pages_sent = len(table)
-        prefill = start < req.num_prompt_tokens or n > 1
+        if table is None:
+            table = self.blocks.tables[req.request_id]
+        if (sent := req.num_pages_sent) < len(table):
+            new_pages, req.num_pages_sent = table[sent:], len(table)
+        else:
+            new_pages = ()
+        prefill = n > 1 or start < req.num_prompt_tokens
         return ScheduledRequest(req, start, tokens, sample, num_outputs, sent, new_pages, prefill)
 
     def _too_big(self, req: Request) -> str:

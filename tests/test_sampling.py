@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import nanoserve as ns
 from nanoserve_sched import SamplingParams
@@ -39,6 +41,28 @@ def support(runner, n=400, **kw):
 )
 def test_support_is_exactly_right(runner, kw, want):
     assert support(runner, **kw) == want
+
+
+ROW = st.fixed_dictionaries(
+    {
+        "temperature": st.sampled_from([0, 0.8, 1.0, 2.0]),  # each keeps every token's chance >= 3%: 1,000 draws
+        "top_k": st.sampled_from([0, 1, 2, 3]),  # see the whole support
+        "top_p": st.sampled_from([1.0, 0.4, 0.75, 0.9]),
+    }
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(ROW, min_size=2, max_size=4))
+def test_each_row_of_a_mixed_batch_samples_by_its_own_parameters(runner, rows):
+    """A step stages only the parameters some row uses (no greedy mask if no row is greedy, no temperatures if
+    all are 1, no top-k if no row cuts): a mixed batch must still give every row the support it has alone."""
+    n = 1000
+    logits = torch.tensor([[math.log(p) for p in PROBS]] * (n * len(rows)))
+    params = [SamplingParams(**kw) for kw in rows for _ in range(n)]
+    ids = runner.sample(logits, ns.Sampling.of(params, list(range(len(params))), 4, "cpu")).view(len(rows), n)
+    for kw, got in zip(rows, ids):
+        assert set(got.tolist()) == support(runner, n=n, **kw), kw
 
 
 def test_frequencies_follow_probs(runner):
