@@ -696,11 +696,12 @@ class InputBatch:
                 self.seeds.pop(row, None)
                 self.sampled_at[row] = -1
 
-    def sampling(self, rows: np.ndarray, num_outputs: list[int]) -> dict:
+    def sampling(self, rows: np.ndarray, num_outputs: list[int] | None) -> dict:
         """The sampled rows' parameters for `Sampling`: what the host decides (is every row greedy, the
         largest top-k, the most log-probabilities asked) and the per-row arrays of the steps that need them:
         none if every row is greedy, and of the others only those some row uses (a mix of greedy and random
-        rows, a temperature other than 1, a top-k or a top-p cut, a seed)."""
+        rows, a temperature other than 1, a top-k or a top-p cut, a seed). `num_outputs` (each row's outputs so
+        far, which key a seeded row's noise) may be None when no row of the engine has a seed."""
         k = int(self.logprobs[rows].max(initial=-1))
         greedy = self.greedy[rows]
         out = dict(all_greedy=bool(greedy.all()), num_logprobs=None if k < 0 else k, top_k_max=0)
@@ -1325,7 +1326,8 @@ class ModelRunner:
         positions = np.repeat(start - cu[:-1], q_len) + np.arange(N)  # request i's rows count up from start[i]
         pages = rows.tables[np.repeat(row, q_len), positions // bs].astype(np.int64)
         slots = pages * bs + positions % bs
-        max_pages = int(-(-ctx.max() // bs))
+        max_q, max_ctx = int(q_len.max()), int(ctx.max())
+        max_pages = -(-max_ctx // bs)
         # int64: ids, positions, slots, page ids, scatter rows and slots, fresh pages (<= N each), logits rows,
         # placeholders, seeded rows and keys (<= B each); int32: cu_seqlens, context lengths, block tables;
         # float32: temperature, top-p; bool: greedy, cut-k
@@ -1341,7 +1343,8 @@ class ModelRunner:
         )
         if len(placeholders):
             part.update(ph_dst=w.put(cu[1:][placeholders] - 1, np.int64), ph_src=w.put(ph_src, np.int64))
-        page_writes, scatter_rows = self.page_writes(row, start, q_len, cu, w) if self.ops.WRITES_PAGES else ([], None)
+        whole_pages = self.ops.WRITES_PAGES and max_q >= max(bs, 2)  # a chunk may fill pages whole
+        page_writes, scatter_rows = self.page_writes(row, start, q_len, cu, w) if whole_pages else ([], None)
         if scatter_rows is not None:
             part.update(scatter=w.put(scatter_rows, np.int64), scatter_slots=w.put(slots[scatter_rows], np.int64))
         if self.zeroed is not None and not self.zeroed[pages].all():  # pages written for the first time (CPU)
@@ -1349,13 +1352,13 @@ class ModelRunner:
             self.zeroed[fresh] = True
             if len(fresh := fresh[slots_written < bs]):  # a page this step fills whole needs no zeroing first
                 part["fresh"] = w.put(fresh, np.int64)
-        a = rows.sampling(row[sample], [r.num_outputs for r in sampled])
+        a = rows.sampling(row[sample], [r.num_outputs for r in sampled] if rows.seeds else None)  # seeds need them
         host = {k: a.pop(k) for k in ("all_greedy", "num_logprobs", "top_k_max")}
         s_parts = {k: w.put(v, v.dtype.type) for k, v in a.items()}
         t = w.send()
         get = lambda k: t[part[k]] if k in part else None
         meta = AttnMetadata(
-            get("slots"), get("positions"), get("cu"), get("ctx"), get("tables"), int(q_len.max()), int(ctx.max()),
+            get("slots"), get("positions"), get("cu"), get("ctx"), get("tables"), max_q, max_ctx,
             self.kv_caches, self.ops,
             page_writes=[(a, b, t[i]) for a, b, i in page_writes],
             scatter_rows=get("scatter"), scatter_slots=get("scatter_slots"), fresh_pages=get("fresh"),

@@ -19,6 +19,7 @@ import random
 import signal
 import statistics
 import sys
+import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -340,10 +341,12 @@ def run_with_progress(llm: LLM, reqs: list[Request], label: str, show: bool):
 
     total = sum(r.params.max_tokens for r in reqs if not r.finished)
     with tqdm(total=total, disable=not show, desc=label, unit="tok", file=sys.stderr, dynamic_ncols=True) as bar:
-        for got in llm.run():  # each request in `got` has one more token: no pass over all requests per step
-            if any(r.finished for r in got):
-                bar.set_postfix_str(f"requests {sum(r.finished for r in reqs)}/{len(reqs)}", refresh=False)
+        shown = 0.0
+        for got in llm.run():  # each request in `got` has one more token
             bar.update(len(got))
+            if show and (now := time.perf_counter()) - shown > 0.1:  # not a pass over all requests per step
+                bar.set_postfix_str(f"requests {sum(r.finished for r in reqs)}/{len(reqs)}", refresh=False)
+                shown = now
         bar.set_postfix_str(f"requests {sum(r.finished for r in reqs)}/{len(reqs)}", refresh=False)
         bar.total = bar.n  # requests that stopped early (EOS) never made their max_tokens
         bar.refresh()

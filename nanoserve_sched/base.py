@@ -283,8 +283,10 @@ class Scheduler:
         req.num_inflight += 1
         if end <= num_tokens:
             tokens, computed = token_ids[start:end], end
-        else:  # the token being sampled by the step in flight: a placeholder
-            tokens, computed = token_ids[start:num_tokens] + [PLACEHOLDER] * (end - max(start, num_tokens)), num_tokens
+        elif start >= num_tokens:  # the token being sampled by the step in flight: a placeholder (async decodes)
+            tokens, computed = [PLACEHOLDER] * n, num_tokens
+        else:  # known tokens, then placeholders
+            tokens, computed = token_ids[start:] + [PLACEHOLDER] * (end - num_tokens), num_tokens
         # name full pages for the prefix cache, but never one holding a token still in flight
         blocks = self.blocks
         if blocks.enable_prefix_caching and computed >= blocks.full_at.get(req.request_id, self.config.block_size):
@@ -354,12 +356,13 @@ class Scheduler:
 
     def stop_reason(self, req: Request, token: int) -> FinishReason | None:
         p, n = req.params, len(req.token_ids)
-        if n - req.num_prompt_tokens >= p.min_tokens:
+        outputs = n - req.num_prompt_tokens
+        if outputs >= p.min_tokens:
             if token in p.stop_token_ids:
                 req.stop_reason = token
                 return FinishReason.STOP
             if not p.ignore_eos and token in self.eos:
                 return FinishReason.STOP
-        if n - req.num_prompt_tokens >= p.max_tokens or n >= self.config.max_model_len:
+        if outputs >= p.max_tokens or n >= self.max_model_len:
             return FinishReason.LENGTH
         return None
