@@ -1787,8 +1787,9 @@ class LLM:
                 yield got
 
     def step(self, launch: bool = True) -> list[Request] | None:
-        """One turn of the loop: launch the next batch, or wait for the oldest one and apply its tokens.
-        Returns the requests that got a token, or None when this turn only launched a batch or waited.
+        """One turn of the loop: launch the next batch if the device may take one more, then, once it holds
+        all it may (or nothing could be launched), wait for the oldest batch and apply its tokens. Returns the
+        requests that got a token, or None when this turn only launched a batch or waited.
         With launch=False nothing new is launched: a turn only drains what is in flight.
 
         A failure in scheduling, launching, the forward, sampling or the update fails the requests of every
@@ -1830,7 +1831,8 @@ class LLM:
                     raise StepFailed(batch, e) from e
                 self.inflight.append((batch, handle))
                 self.stalled = 0
-                return None
+                if len(self.inflight) < sched.depth:
+                    return None  # room for another batch: the next turn launches it
         if self.inflight:
             return self._update_oldest()
         if sched.has_work():  # nothing could be scheduled and nothing is running
