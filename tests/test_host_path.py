@@ -169,3 +169,34 @@ def test_seeded_rows_draw_the_same_noise_in_any_batch():
     assert torch.equal(alone[0], crowd[1]) and not torch.equal(crowd[0], crowd[1])
     u = torch.exp(-crowd)  # Exp(1) -> uniform(0, 1)
     assert 0.45 < u.mean() < 0.55 and u.min() > 0 and u.max() < 1
+
+
+@pytest.mark.parametrize("driver", ["generate", "cli"])
+def test_a_steps_host_work_does_not_grow_with_the_finished_requests(driver, monkeypatch):
+    """The loop and its callers look at the step's own requests, not at every request of the call: 500 requests
+    that finished in the first steps must not cost the 300 steps of a long one a pass each (the progress bars of
+    generate and of the CLI once counted every request's `finished` on every step)."""
+    from nanoserve_entrypoints.cli import run_with_progress
+    from nanoserve_sched.request import Request
+
+    looks, finished = [0], Request.finished.fget
+
+    def counted(req):
+        looks[0] += 1
+        return finished(req)
+
+    monkeypatch.setattr(Request, "finished", property(counted))
+
+    def run(num_short):
+        llm = ns.LLM("gpt2", **GPT2)
+        params = [SamplingParams(max_tokens=300, ignore_eos=True)] + [SamplingParams(max_tokens=1)] * num_short
+        prompts = [[1, 2, 3]] * (1 + num_short)
+        looks[0] = 0
+        if driver == "generate":
+            llm.generate(prompts, params, use_tqdm=True)
+        else:
+            run_with_progress(llm, [llm.add_request(p, sp) for p, sp in zip(prompts, params)], "run", show=True)
+        return looks[0]
+
+    alone, crowd = run(0), run(500)
+    assert crowd - alone < 10 * 501, f"{crowd - alone} more looks at `finished` for 500 finished requests"
