@@ -739,6 +739,7 @@ class Staging:
     """
 
     DTYPES = (np.int64, np.int32, np.float32, np.bool_)
+    KINDS = {dt: k for k, dt in enumerate(DTYPES)}  # an element type's region
 
     def __init__(self, device, count: int):
         self.device, self.count, self.i = device, count, 0
@@ -767,12 +768,11 @@ class StagingWriter:
         buf = self.host.numpy()
         self.regions = [buf[a:b].view(dt) for (a, b), dt in zip(spans, Staging.DTYPES)]
         self.dev_regions = [self.dev[a:b].view(dt) for (a, b), dt in zip(spans, TORCH_DTYPES)]
-        self.kinds = {dt: k for k, dt in enumerate(Staging.DTYPES)}
         self.used, self.parts = [0, 0, 0, 0], []  # elements used in each region; (region, start, end, shape)
 
     def put(self, values, dtype) -> int:
         """Append an array to its type's region; returns its index, for the tensor `send()` makes of it."""
-        k = self.kinds[dtype]
+        k = Staging.KINDS[dtype]
         values = np.asarray(values, dtype=dtype)
         a = self.used[k]
         b = self.used[k] = a + values.size

@@ -340,14 +340,18 @@ def run_with_progress(llm: LLM, reqs: list[Request], label: str, show: bool):
     from tqdm import tqdm
 
     total = sum(r.params.max_tokens for r in reqs if not r.finished)
+
+    def count_finished():
+        bar.set_postfix_str(f"requests {sum(r.finished for r in reqs)}/{len(reqs)}", refresh=False)
+
     with tqdm(total=total, disable=not show, desc=label, unit="tok", file=sys.stderr, dynamic_ncols=True) as bar:
         shown = 0.0
         for got in llm.run():  # each request in `got` has one more token
             bar.update(len(got))
             if show and (now := time.perf_counter()) - shown > 0.1:  # not a pass over all requests per step
-                bar.set_postfix_str(f"requests {sum(r.finished for r in reqs)}/{len(reqs)}", refresh=False)
+                count_finished()
                 shown = now
-        bar.set_postfix_str(f"requests {sum(r.finished for r in reqs)}/{len(reqs)}", refresh=False)
+        count_finished()
         bar.total = bar.n  # requests that stopped early (EOS) never made their max_tokens
         bar.refresh()
 

@@ -288,9 +288,8 @@ class Scheduler:
         else:  # known tokens, then placeholders
             tokens, computed = token_ids[start:] + [PLACEHOLDER] * (end - num_tokens), num_tokens
         # name full pages for the prefix cache, but never one holding a token still in flight
-        blocks = self.blocks
-        if blocks.enable_prefix_caching and computed >= blocks.full_at.get(req.request_id, self.config.block_size):
-            self.written.update(blocks.cache_pages(req.request_id, token_ids, computed))
+        if named := self.blocks.cache_pages(req.request_id, token_ids, computed):
+            self.written.update(named)
         num_outputs = num_tokens - req.num_prompt_tokens + req.num_placeholders  # index of the token it samples
         if sample := end == num_tokens + req.num_placeholders:
             req.num_placeholders += 1

@@ -38,8 +38,6 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # hash -> page id
         self.tables: dict[str, list[int]] = {}  # request id -> its pages
         self.hashes: dict[str, list[int]] = {}  # request id -> hashes of its leading full pages
-        self.full_at: dict[str, int] = {}  # request id -> computed tokens that fill its next unnamed page (when
-        # absent: one page), so a caller can skip `cache_pages` until then
         self.on_event = on_event or (lambda kind, request_id, pages: None)  # for the trace
 
     @property
@@ -95,7 +93,6 @@ class BlockManager:
         table += list(prefix) + new
         if prefix:
             self.hashes[request_id] = [self.pages[p].hash for p in prefix]
-            self.full_at[request_id] = (len(prefix) + 1) * self.block_size
             self.on_event("shared", request_id, list(prefix))
         if new:
             self.on_event("allocated", request_id, new)
@@ -129,7 +126,6 @@ class BlockManager:
                 page.hash, page.tokens = h, tokens
                 self.cached[h] = page.id
                 new.append(page.id)
-        self.full_at[request_id] = (len(hashes) + 1) * bs
         if new:
             self.on_event("cached", request_id, new)
         return new
@@ -145,7 +141,6 @@ class BlockManager:
         """Release all the request's pages (on finish, abort or preemption)."""
         table = self.tables.pop(request_id, [])
         self.hashes.pop(request_id, None)
-        self.full_at.pop(request_id, None)
         released = []
         for p in reversed(table):  # the tail first, so it is evicted before the shared head
             page = self.pages[p]
@@ -163,8 +158,6 @@ class BlockManager:
         owners = {}
         for rid, table in self.tables.items():
             assert len(set(table)) == len(table), f"request {rid} holds a page twice: {table}"
-            full_at = (len(self.hashes.get(rid, ())) + 1) * self.block_size
-            assert self.full_at.get(rid, self.block_size) == full_at, f"request {rid}: full_at out of step"
             for p in table:
                 owners[p] = owners.get(p, 0) + 1
         for page in self.pages:
@@ -173,6 +166,5 @@ class BlockManager:
             if page.hash is not None:
                 assert self.cached[page.hash] == page.id, f"page {page.id} hashed but not in the cache map"
         assert len(self.cached) == sum(p.hash is not None for p in self.pages)
-        assert set(self.full_at) <= set(self.tables), "full_at of a request that holds no pages"
         used = sum(p.ref_cnt > 0 for p in self.pages)
         assert len(self.free_queue) + used == self.num_blocks, "free + used != total"
