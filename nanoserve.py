@@ -1546,6 +1546,11 @@ class RequestGroup(list):
         return all(r.finished for r in self)
 
 
+# Allocations between two collections of Python's young generation once an engine exists (Python's: 700).
+# Measured (sim:h200, 256 requests, async, 533 steps): at 700, ~81 young and 7 middle collections per run,
+# ~90 us and ~0.6 ms each, 11-12 ms of a 350 ms run and none of them finding garbage; at 100,000, none.
+GC_YOUNG = 100_000
+
 MAX_ARRIVAL_S = 24 * 3600.0  # a request may be scheduled to arrive at most a day after the run starts
 
 
@@ -1626,8 +1631,13 @@ class LLM:
         self.recorder.emit(RunInfo(0.0, num_blocks, cfg.block_size, self.describe()))
         # the objects made so far (torch's, the model's) live as long as the engine: keep them out of every
         # garbage collection from now on, which would otherwise walk them all, in the middle of steps (as
-        # vLLM does); at exit they go back, so that everything is freed in order
+        # vLLM does); at exit they go back, so that everything is freed in order. And collect the young
+        # objects less often (GC_YOUNG): the loop frees everything it makes by reference count, so a
+        # collection in a run finds nothing and is only a pause of the host between two launches
         gc.freeze()
+        young, *older = gc.get_threshold()
+        if 0 < young < GC_YOUNG:  # never turned back on, never lowered
+            gc.set_threshold(GC_YOUNG, *older)
         self.pending: list[Request] = []  # added, not yet arrived (arrival_s in the future)
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.next_request_id = itertools.count()  # ids "0", "1", ... per engine, as in vLLM
