@@ -624,6 +624,8 @@ def attention_backend(name: str, device, cfg):
     triton_ok = cfg.head_dim in (8, 16, 32, 64, 128, 256)
     if name == "auto":
         name = "triton" if device.type == "cuda" and triton_ok else "cpu" if device.type == "cpu" else "reference"
+    if name == "cpu" and device.type == "cpu":
+        cpu_attention.row_kernel()  # numba compiles (or loads) its kernel now, not in the first step
     if name in ("reference", "cpu"):
         return BACKENDS[name]
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -16,8 +16,8 @@ measured in one run.
    of each pair kept. Ratio > 1: new is faster.
 3. the alternatives for a decode step, each timed twice, in one order and then in the reverse one
    (the machine is shared: the ratio uses the faster of the two), so the choice in nanoserve_kernels/cpu.py can
-   be re-checked: the reference with a plan (hoisting alone), a gather in head-major layout, and
-   nanoserve_kernels/cpu.py with decode groups of several sizes.
+   be re-checked: the reference with a plan (hoisting alone), a gather in head-major layout,
+   nanoserve_kernels/cpu.py's torch path with decode groups of several sizes, and its in-place numba kernel.
 
 Every variant is checked against the reference before it is timed.
 """
@@ -160,10 +160,13 @@ def alternatives(step) -> dict:
         "old (reference, no plan)": lambda: reference.paged_attention(**step),
         "reference + plan": lambda: reference.paged_attention(**step, plan=ref_plan),
         "head-major gather + plan": lambda: head_major(step, hm_plan),
-        "cpu.py, one group": cpu.plan_attention(*step_meta(step), decode_keys=2**62),
+        "cpu.py, one group": cpu.plan_attention(*step_meta(step), decode_keys=2**62, in_place=False),
     }
     for keys in (256, 512, 1024, 2048, 4096):
-        variants[f"cpu.py, groups <= {keys} keys"] = cpu.plan_attention(*step_meta(step), decode_keys=keys)
+        plan = cpu.plan_attention(*step_meta(step), decode_keys=keys, in_place=False)
+        variants[f"cpu.py, groups <= {keys} keys"] = plan
+    if cpu.row_kernel() is not None:  # numba installed
+        variants["cpu.py, in place (numba)"] = cpu.plan_attention(*step_meta(step), in_place=True)
     want = reference.paged_attention(**step)
     for name, v in variants.items():
         if isinstance(v, cpu.AttentionPlan):

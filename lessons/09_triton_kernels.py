@@ -16,12 +16,12 @@
 # %% [markdown]
 # # Lesson 9 — The Triton paged-attention kernels
 #
-# On a CPU, nanoserve's attention is plain torch. `nanoserve_kernels/reference.py` gathers every request's pages
-# into one padded tensor, then calls PyTorch's attention: short and obviously right, which makes it
-# the oracle — but it copies every key and value of the batch at every layer of every step.
-# (`nanoserve_kernels/cpu.py` does the same attention in cache-sized groups of requests, about 3x faster on a
-# decode step.) On a GPU, `nanoserve_kernels/paged_attention.py` reads the pages where they are, with kernels
-# written in Triton.
+# `nanoserve_kernels/reference.py` gathers every request's pages into one padded tensor, then calls PyTorch's
+# attention: short and obviously right, which makes it the oracle — but it copies every key and value of
+# the batch at every layer of every step. Reading the pages where they are needs a kernel: on a CPU,
+# `nanoserve_kernels/cpu_numba.py` is a numba loop over each query's pages (one layer of 256 decodes: 1.5 ms, against
+# 4 ms to gather and attend them); on a GPU, `nanoserve_kernels/paged_attention.py` does it with kernels written
+# in Triton.
 #
 # This lesson follows the kernels in the order the file presents them (the order of llm.c's
 # `dev/cuda`: simplest first), and checks each one against the reference:

@@ -353,16 +353,67 @@ def cpu_batch(batch):
     return {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-@pytest.mark.parametrize("decode_keys", [1, 40, 1024])  # a group per decode, a few, one
+STEP = ("cu_seqlens_q", "context_lens", "block_tables", "max_q", "max_ctx")
+# the CPU backend's paths: decodes and short chunks row by row in the numba kernel (cpu_numba.py), or only
+# the decodes there (row_pairs=0: every chunk to SDPA); or decodes gathered for SDPA in groups of 1, 40 or
+# 1024 keys (a group per decode, a few, one)
+CPU_PATHS = {
+    "in_place": dict(in_place=True),
+    "in_place_decodes": dict(in_place=True, row_pairs=0),
+    **{f"groups{n}": dict(in_place=False, decode_keys=n) for n in (1, 40, 1024)},
+}
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("case", CASES)
-def test_cpu_matches_reference(case, group, decode_keys):
-    """Decodes in groups of similar context, chunks alone, GQA without copies: the oracle's answer."""
+def test_cpu_matches_reference(case, group, path):
+    """Rows in place, decodes in groups of similar context, chunks alone, GQA without copies: the oracle's answer."""
     reqs = CASES[case] + [(1, 25), (1, 3), (9, 30)]
     batch = cpu_batch(make_batch(reqs, block_size=4, n_heads=2 * group, n_kv_heads=2))
-    step = {k: batch[k] for k in ("cu_seqlens_q", "context_lens", "block_tables", "max_q", "max_ctx")}
-    plan = cpu.plan_attention(**step, decode_keys=decode_keys)
+    plan = cpu.plan_attention(**{k: batch[k] for k in STEP}, **CPU_PATHS[path])
     torch.testing.assert_close(cpu.paged_attention(**batch, plan=plan), expected(batch), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_in_place_copies_no_page(monkeypatch):
+    """In place, a step gathers no page but those of the chunks it leaves to SDPA; without numba the
+    torch path runs, and says so in its plan."""
+    batch = cpu_batch(make_batch(CASES["mixed"], block_size=4, n_heads=4, n_kv_heads=2))
+    step = {k: batch[k] for k in STEP}
+    gathered = []
+    real = cpu.gather_pages
+    monkeypatch.setattr(
+        cpu, "gather_pages", lambda cache, pages, name: gathered.append(len(pages)) or real(cache, pages, name)
+    )
+    for row_pairs, pages in ((cpu.ROW_PAIRS, []), (0, [1, 1, 1, 1])):  # the two chunks' K and V, or nothing
+        plan = cpu.plan_attention(**step, row_pairs=row_pairs)
+        torch.testing.assert_close(cpu.paged_attention(**batch, plan=plan), expected(batch), atol=1e-5, rtol=1e-5)
+        assert plan.rows is not None and gathered == pages
+        gathered.clear()
+    monkeypatch.setattr(cpu, "row_kernel", lambda: None)  # as if numba were not installed
+    plan = cpu.plan_attention(**step)
+    assert plan.rows is None and plan.groups
+    torch.testing.assert_close(cpu.paged_attention(**batch, plan=plan), expected(batch), atol=1e-5, rtol=1e-5)
+    assert gathered
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(
+    ctx=st.lists(st.integers(1, 70), min_size=2, max_size=8),
+    block_size=st.sampled_from([1, 4, 16]),
+    group=st.sampled_from([1, 3]),
+)
+def test_cpu_decode_in_place_does_not_depend_on_the_batch(ctx, block_size, group):
+    """A decode's answer from the in-place kernel is the same bits alone as among other requests: each
+    query reads its own pages and nothing else, in the same order whatever shares the step."""
+    batch = cpu_batch(make_batch([(1, c) for c in ctx], block_size, n_heads=2 * group, n_kv_heads=2, seed=len(ctx)))
+    together = cpu.paged_attention(**batch, plan=cpu.plan_attention(**{k: batch[k] for k in STEP}, in_place=True))
+    for i in (0, len(ctx) - 1):
+        alone = dict(batch, q=batch["q"][i : i + 1], cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32),
+                     context_lens=batch["context_lens"][i : i + 1], block_tables=batch["block_tables"][i : i + 1],
+                     max_ctx=ctx[i])  # fmt: skip
+        out = cpu.paged_attention(**alone, plan=cpu.plan_attention(**{k: alone[k] for k in STEP}, in_place=True))
+        assert torch.equal(out[0], together[i])
 
 
 def test_cpu_groups_decodes_by_context():
@@ -375,7 +426,7 @@ def test_cpu_groups_decodes_by_context():
         1,
         300,
     )
-    plan = cpu.plan_attention(*step, decode_keys=500)
+    plan = cpu.plan_attention(*step, decode_keys=500, in_place=False)
     assert [g.rows.tolist() for g in plan.groups] == [[1, 3, 0], [4], [2]]  # 3 x 50 <= 500 < 2 x 290
     assert [g.ctx for g in plan.groups] == [50, 290, 300] and plan.groups[1].mask is None
     assert not plan.chunks
@@ -387,12 +438,14 @@ def test_cpu_groups_decodes_by_context():
     block_size=st.sampled_from([1, 2, 4, 16]),
     decode_keys=st.integers(1, 100),
     group=st.sampled_from([1, 3]),
+    in_place=st.booleans(),
+    row_pairs=st.sampled_from([0, 50, cpu.ROW_PAIRS]),
 )
-def test_cpu_random_batches(reqs, block_size, decode_keys, group):
+def test_cpu_random_batches(reqs, block_size, decode_keys, group, in_place, row_pairs):
     reqs = [(1, 1)] + reqs
     batch = cpu_batch(make_batch(reqs, block_size, n_heads=2 * group, n_kv_heads=2, seed=len(reqs)))
-    plan = cpu.plan_attention(*(batch[k] for k in ("cu_seqlens_q", "context_lens", "block_tables", "max_q", "max_ctx")),
-                              decode_keys=decode_keys)  # fmt: skip
+    plan = cpu.plan_attention(**{k: batch[k] for k in STEP}, decode_keys=decode_keys, in_place=in_place,
+                              row_pairs=row_pairs)  # fmt: skip
     torch.testing.assert_close(cpu.paged_attention(**batch, plan=plan), expected(batch), atol=1e-5, rtol=1e-5)
 
 
