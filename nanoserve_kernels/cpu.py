@@ -118,9 +118,10 @@ def plan_attention(
         in_place = IN_PLACE and row_kernel() is not None
     cu, ctx = cu_seqlens_q.cpu().numpy().astype(np.int64), context_lens.cpu().numpy().astype(np.int64)
     q_len = np.diff(cu)
-    alone = (q_len == 1) | (in_place & (q_len * ctx <= row_pairs))  # rows attended one by one
+    alone = q_len == 1  # the requests whose rows are attended one by one: the decodes, and in place...
     tables, rows, groups = block_tables.long(), None, []
     if in_place:
+        alone |= q_len * ctx <= row_pairs  # ...the short chunks too
         req_of_row = np.repeat(np.arange(len(ctx)), q_len)
         row = np.flatnonzero(alone[req_of_row])
         req = req_of_row[row]
